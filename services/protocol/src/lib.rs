@@ -1,0 +1,38 @@
+//! The secsync 0.5 protocol, in one place and without I/O.
+//!
+//! * [`json`] and [`canonical`]: reading frames as JavaScript does, and the canonical JSON that
+//!   signatures and proofs cover.
+//! * [`b64`], [`ids`]: strict base64 and the newtypes every field is parsed into.
+//! * [`crypto`]: Ed25519 verification as strict as libsodium, BLAKE2b hashes, snapshot proofs.
+//! * [`message`]: client frames, keeping the exact signed text as the body to store and relay.
+//! * [`connect`]: the connection URL.
+//! * [`rules`]: the server's rules as pure functions over a small document state.
+//! * [`error`] and [`wire`]: the one error type, its one mapping to replies, and the frames the
+//!   server sends.
+//!
+//! A new rule goes into [`rules`] with a [`error::Reason`] for its rejection; a new frame into
+//! [`wire`]. Both stores and the gateway call these, so nothing is decided twice.
+
+pub mod b64;
+pub mod canonical;
+pub mod connect;
+pub mod crypto;
+pub mod error;
+pub mod ids;
+pub mod json;
+pub mod message;
+pub mod rules;
+pub mod wire;
+
+pub use connect::{parse_connect, ConnectError, ConnectRequest, SessionKey};
+pub use crypto::{Domain, ProofEntry};
+pub use error::{FrameError, Reason, Shape};
+pub use ids::{Clock, DocumentId, PublicKey, SignatureBytes, SnapshotId};
+pub use message::{
+    parse_client_frame, ClientFrame, EphemeralMessage, ParseOptions, Signed, SnapshotMessage,
+    UpdateMessage,
+};
+pub use rules::{
+    plan_load, ActiveSnapshot, ChainPlan, Clocks, DocumentState, LoadMode, LoadPlan, LoadRequest,
+    RuleOptions, UpdateSelection,
+};

@@ -1,0 +1,203 @@
+//! Server → client frames (PROTOCOL.md 5), built by concatenating stored message bodies.
+//!
+//! Message bodies (see [`crate::message`]) are embedded as they are: a relayed update is its body
+//! with `"type":"update"` added, a document load embeds the bodies of its snapshot and updates.
+//! Only server-made values (snapshot ids, clocks, proof entries) are serialised here.
+
+use crate::canonical::write_str;
+use crate::crypto::ProofEntry;
+use crate::error::Reason;
+use crate::ids::{Clock, SnapshotId};
+
+pub const DOCUMENT_ERROR: &str = r#"{"type":"document-error"}"#;
+pub const UNAUTHORIZED: &str = r#"{"type":"unauthorized"}"#;
+pub const DOCUMENT_NOT_FOUND: &str = r#"{"type":"document-not-found"}"#;
+
+/// What a `snapshot-save-failed` carries so the client can recover without reconnecting.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Recovery<'a> {
+    /// Body of the active snapshot (after *outdated*).
+    pub snapshot: Option<&'a str>,
+    /// Bodies of the active snapshot's updates, in version order.
+    pub updates: Option<&'a [String]>,
+    /// Proof chain from the client's snapshot to the active one (after *outdated*).
+    pub chain: Option<&'a [ProofEntry]>,
+}
+
+/// The `document` frame answering a load (PROTOCOL.md 6.4).
+pub fn document<S: AsRef<str>>(
+    snapshot: Option<&str>,
+    updates: &[S],
+    chain: Option<&[ProofEntry]>,
+) -> String {
+    let size = snapshot.map_or(0, str::len)
+        + updates.iter().map(|u| u.as_ref().len() + 1).sum::<usize>()
+        + chain.map_or(0, |c| c.len() * 200)
+        + 64;
+    let mut out = String::with_capacity(size);
+    out.push_str(r#"{"type":"document""#);
+    push_state(&mut out, snapshot, Some(updates), chain);
+    out.push('}');
+    out
+}
+
+/// `snapshot-save-failed`, bare or with recovery data.
+pub fn snapshot_save_failed(recovery: &Recovery<'_>) -> String {
+    let mut out = String::from(r#"{"type":"snapshot-save-failed""#);
+    push_state(
+        &mut out,
+        recovery.snapshot,
+        recovery.updates,
+        recovery.chain,
+    );
+    out.push('}');
+    out
+}
+
+fn push_state<S: AsRef<str>>(
+    out: &mut String,
+    snapshot: Option<&str>,
+    updates: Option<&[S]>,
+    chain: Option<&[ProofEntry]>,
+) {
+    if let Some(snapshot) = snapshot {
+        out.push_str(r#","snapshot":"#);
+        out.push_str(snapshot);
+    }
+    if let Some(updates) = updates {
+        out.push_str(r#","updates":["#);
+        for (i, update) in updates.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(update.as_ref());
+        }
+        out.push(']');
+    }
+    if let Some(chain) = chain {
+        out.push_str(r#","snapshotProofChain":["#);
+        for (i, entry) in chain.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(r#"{"snapshotId":"#);
+            write_str(entry.snapshot_id.as_str(), out);
+            out.push_str(r#","parentSnapshotProof":"#);
+            write_str(&entry.parent_snapshot_proof, out);
+            out.push_str(r#","snapshotCiphertextHash":"#);
+            write_str(&entry.snapshot_ciphertext_hash, out);
+            out.push('}');
+        }
+        out.push(']');
+    }
+}
+
+/// `{"type":"snapshot","snapshot":BODY}`, relayed to the other connections.
+pub fn snapshot_broadcast(body: &str) -> String {
+    let mut out = String::with_capacity(body.len() + 32);
+    out.push_str(r#"{"type":"snapshot","snapshot":"#);
+    out.push_str(body);
+    out.push('}');
+    out
+}
+
+/// An update body with `"type":"update"`, relayed to the other connections.
+pub fn update_broadcast(body: &str) -> String {
+    with_type(body, "update")
+}
+
+/// An ephemeral message body with `"type":"ephemeral-message"`.
+pub fn ephemeral_broadcast(body: &str) -> String {
+    with_type(body, "ephemeral-message")
+}
+
+fn with_type(body: &str, kind: &str) -> String {
+    let open = body.strip_suffix('}').unwrap_or(body);
+    let mut out = String::with_capacity(body.len() + kind.len() + 12);
+    out.push_str(open);
+    out.push_str(r#","type":""#);
+    out.push_str(kind);
+    out.push_str("\"}");
+    out
+}
+
+pub fn snapshot_saved(snapshot_id: &SnapshotId) -> String {
+    let mut out = String::from(r#"{"type":"snapshot-saved","snapshotId":"#);
+    write_str(snapshot_id.as_str(), &mut out);
+    out.push('}');
+    out
+}
+
+pub fn update_saved(snapshot_id: &SnapshotId, clock: Clock) -> String {
+    let mut out = String::from(r#"{"type":"update-saved","snapshotId":"#);
+    write_str(snapshot_id.as_str(), &mut out);
+    out.push_str(r#","clock":"#);
+    out.push_str(&clock.to_string());
+    out.push('}');
+    out
+}
+
+/// `update-save-failed`; `snapshot_id` and `clock` are raw JSON texts echoed from the frame.
+pub fn update_save_failed(
+    snapshot_id: Option<&str>,
+    clock: Option<&str>,
+    requires_new_snapshot: bool,
+) -> String {
+    let mut out = String::from(r#"{"type":"update-save-failed""#);
+    if let Some(id) = snapshot_id {
+        out.push_str(r#","snapshotId":"#);
+        out.push_str(id);
+    }
+    if let Some(clock) = clock {
+        out.push_str(r#","clock":"#);
+        out.push_str(clock);
+    }
+    out.push_str(if requires_new_snapshot {
+        r#","requiresNewSnapshot":true}"#
+    } else {
+        r#","requiresNewSnapshot":false}"#
+    });
+    out
+}
+
+/// `{"type":"invalid-message","reason":CODE}` for frames that are neither snapshots nor updates.
+pub fn invalid_message(reason: Reason) -> String {
+    format!(
+        r#"{{"type":"invalid-message","reason":"{}"}}"#,
+        reason.code()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_valid_json_of_the_documented_shape() {
+        let id = SnapshotId::parse("S1").unwrap();
+        assert_eq!(
+            snapshot_saved(&id),
+            r#"{"type":"snapshot-saved","snapshotId":"S1"}"#
+        );
+        assert_eq!(
+            update_saved(&id, Clock::new(3).unwrap()),
+            r#"{"type":"update-saved","snapshotId":"S1","clock":3}"#
+        );
+        assert_eq!(
+            document::<&str>(None, &[], Some(&[])),
+            r#"{"type":"document","updates":[],"snapshotProofChain":[]}"#
+        );
+        assert_eq!(
+            document(None, &["{\"a\":1}"], None),
+            r#"{"type":"document","updates":[{"a":1}]}"#
+        );
+        assert_eq!(
+            update_broadcast(r#"{"ciphertext":"x"}"#),
+            r#"{"ciphertext":"x","type":"update"}"#
+        );
+        assert_eq!(
+            snapshot_save_failed(&Recovery::default()),
+            r#"{"type":"snapshot-save-failed"}"#
+        );
+    }
+}
