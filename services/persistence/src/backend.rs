@@ -1,0 +1,184 @@
+//! The storage-backend interface the persistence core runs on.
+//!
+//! A backend stores rows and takes locks; it decides nothing. The core (see [`crate::core`])
+//! opens a [`WriteTx`], locks the documents of a batch, asks the protocol crate's rules about each
+//! message and writes what they accept; loads go through a [`ReadTx`], one consistent view of the
+//! database. Postgres implements this now ([`crate::postgres`]); the embedded SQLite backend will
+//! implement the same two traits with no change to the core.
+
+use std::collections::HashMap;
+use std::future::Future;
+
+use secsync_protocol::{Clock, DocumentId, DocumentState, ProofEntry, SnapshotId};
+
+/// Why a backend call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The database cannot be reached or is restarting: fail fast, the caller may retry.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else (a constraint the core should have prevented, a bug).
+    #[error("database error: {0}")]
+    Other(String),
+}
+
+/// A document's row, read under its lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocumentHead {
+    pub head_seq: u64,
+    pub active_snapshot_id: Option<SnapshotId>,
+}
+
+/// A snapshot to store.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotRow<'a> {
+    pub document_id: &'a DocumentId,
+    pub id: &'a SnapshotId,
+    pub seq: u64,
+    pub parent_id: Option<&'a SnapshotId>,
+    pub ciphertext_hash: &'a str,
+    pub parent_snapshot_proof: &'a str,
+    pub body: &'a str,
+    pub request_id: Option<&'a str>,
+}
+
+/// An update to store.
+#[derive(Debug, Clone, Copy)]
+pub struct UpdateRow<'a> {
+    pub document_id: &'a DocumentId,
+    pub snapshot_id: &'a SnapshotId,
+    pub seq: u64,
+    pub version: u64,
+    pub pub_key: &'a str,
+    pub clock: Clock,
+    pub body: &'a str,
+    pub request_id: Option<&'a str>,
+}
+
+/// An update as read back for a load.
+#[derive(Debug, Clone)]
+pub struct StoredUpdate {
+    pub pub_key: String,
+    pub clock: Clock,
+    pub body: String,
+}
+
+/// An accepted message as read back for gap repair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub seq: u64,
+    pub kind: EventKind,
+    pub body: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Snapshot,
+    Update,
+}
+
+/// A database the core can run on.
+pub trait Backend: Send + Sync + 'static {
+    type Write: WriteTx;
+    type Read: ReadTx;
+
+    /// Creates the listed documents when they do not exist (its own short transaction).
+    fn ensure_documents(
+        &self,
+        ids: &[&DocumentId],
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    fn begin_write(&self) -> impl Future<Output = Result<Self::Write, BackendError>> + Send;
+
+    /// A read-only transaction that sees one consistent state of the database.
+    fn begin_read(&self) -> impl Future<Output = Result<Self::Read, BackendError>> + Send;
+
+    /// Accepted messages of a document after `after_seq`, in sequence order.
+    fn events_after(
+        &self,
+        doc: &DocumentId,
+        after_seq: u64,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<StoredEvent>, BackendError>> + Send;
+
+    /// Head sequence numbers of the listed documents that exist.
+    fn heads(
+        &self,
+        ids: &[DocumentId],
+    ) -> impl Future<Output = Result<HashMap<DocumentId, u64>, BackendError>> + Send;
+}
+
+/// A write transaction. Dropping it without [`WriteTx::commit`] rolls it back.
+pub trait WriteTx: Send {
+    /// Request ids already stored, with the sequence number their message got.
+    fn find_requests(
+        &mut self,
+        ids: &[&str],
+    ) -> impl Future<Output = Result<HashMap<String, u64>, BackendError>> + Send;
+
+    /// Locks the documents (sorted, so concurrent batches never deadlock) and reads their rows;
+    /// documents that do not exist are missing from the result.
+    fn lock_documents(
+        &mut self,
+        sorted_ids: &[&DocumentId],
+    ) -> impl Future<Output = Result<HashMap<DocumentId, DocumentHead>, BackendError>> + Send;
+
+    /// The rule state of a document whose row is locked.
+    fn load_state(
+        &mut self,
+        doc: &DocumentId,
+        head: &DocumentHead,
+    ) -> impl Future<Output = Result<DocumentState, BackendError>> + Send;
+
+    fn snapshot_exists(
+        &mut self,
+        doc: &DocumentId,
+        id: &SnapshotId,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send;
+
+    fn insert_snapshot(
+        &mut self,
+        row: SnapshotRow<'_>,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    fn insert_updates(
+        &mut self,
+        rows: &[UpdateRow<'_>],
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    fn set_head(
+        &mut self,
+        doc: &DocumentId,
+        head: &DocumentHead,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Commits durably: when this returns `Ok`, the rows survive a crash.
+    fn commit(self) -> impl Future<Output = Result<(), BackendError>> + Send;
+}
+
+/// A read-only transaction over one consistent state.
+pub trait ReadTx: Send {
+    fn document(
+        &mut self,
+        doc: &DocumentId,
+    ) -> impl Future<Output = Result<Option<DocumentHead>, BackendError>> + Send;
+
+    fn snapshot_body(
+        &mut self,
+        doc: &DocumentId,
+        id: &SnapshotId,
+    ) -> impl Future<Output = Result<Option<String>, BackendError>> + Send;
+
+    /// The updates of a snapshot in version order.
+    fn updates(
+        &mut self,
+        doc: &DocumentId,
+        snapshot: &SnapshotId,
+    ) -> impl Future<Output = Result<Vec<StoredUpdate>, BackendError>> + Send;
+
+    /// Every snapshot of the document as a proof entry, in acceptance order.
+    fn proof_entries(
+        &mut self,
+        doc: &DocumentId,
+    ) -> impl Future<Output = Result<Vec<ProofEntry>, BackendError>> + Send;
+}

@@ -1,0 +1,47 @@
+//! The one configuration of `secsync-persistence`: flags, each also an environment variable.
+
+use std::net::SocketAddr;
+
+use clap::Parser;
+
+/// The secsync persistence service: validates ordering and stores snapshots and updates in
+/// Postgres, serving gateways over gRPC.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "secsync-persistence", version)]
+pub struct Config {
+    /// Address to serve gRPC on.
+    #[arg(
+        long,
+        env = "SECSYNC_PERSISTENCE_LISTEN",
+        default_value = "127.0.0.1:50051"
+    )]
+    pub listen: SocketAddr,
+
+    /// Postgres connection URL (a secret: never logged).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+
+    /// Most database connections in the pool.
+    #[arg(long, env = "SECSYNC_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    pub db_max_connections: u32,
+
+    /// Largest gRPC message in bytes; keep it at least the gateways' frame limit plus 64 KiB.
+    #[arg(long, env = "SECSYNC_MAX_MESSAGE_BYTES", default_value_t = 32 * 1024 * 1024 + 64 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Check every new snapshot's parentSnapshotProof (PROTOCOL.md 7.10).
+    #[arg(long, env = "SECSYNC_VERIFY_PARENT_PROOF", default_value_t = true, action = clap::ArgAction::Set)]
+    pub verify_parent_proof: bool,
+
+    /// Most messages committed in one transaction.
+    #[arg(long, env = "SECSYNC_BATCH_MAX", default_value_t = 256)]
+    pub batch_max: usize,
+
+    /// Transactions in flight at once.
+    #[arg(long, env = "SECSYNC_BATCH_WORKERS", default_value_t = 4)]
+    pub batch_workers: usize,
+
+    /// Log format: `human` or `json`.
+    #[arg(long, env = "SECSYNC_LOG_FORMAT", default_value = "human")]
+    pub log_format: String,
+}

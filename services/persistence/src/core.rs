@@ -1,0 +1,543 @@
+//! The persistence core: sequencing, batching and idempotency over a [`Backend`].
+//!
+//! Submissions go into a bounded queue; a few worker tasks each take whatever is queued (up to
+//! `max_batch`) and commit it as one transaction: lock the batch's documents in sorted order,
+//! run every message through the protocol crate's rules in queue order, write what was accepted
+//! with the next per-document sequence numbers, commit, answer. One commit (one fsync) covers
+//! many messages of many documents; a rejected message never aborts the others because nothing
+//! is written before the rules accepted it. Order is guaranteed by the row locks, not by the
+//! queue, so several persistence replicas on one database stay correct.
+//!
+//! A submission may carry a request id; a retry with an id already stored gets the sequence
+//! number of the first acceptance instead of a clock error, so a gRPC call retried after a lost
+//! response never turns a committed message into a failure or a duplicate.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use secsync_protocol::rules::proof_chain_after;
+use secsync_protocol::{
+    parse_client_frame, plan_load, ChainPlan, ClientFrame, DocumentId, DocumentState, LoadRequest,
+    ParseOptions, ProofEntry, Reason, RuleOptions, SnapshotId, SnapshotMessage, UpdateMessage,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::backend::{
+    Backend, BackendError, DocumentHead, ReadTx, SnapshotRow, StoredEvent, UpdateRow, WriteTx,
+};
+
+/// Tuning and rule switches of the core.
+#[derive(Debug, Clone, Copy)]
+pub struct CoreOptions {
+    pub rules: RuleOptions,
+    /// Most messages committed in one transaction.
+    pub max_batch: usize,
+    /// Transactions in flight at once.
+    pub workers: usize,
+    /// Submissions waiting for a worker before callers are made to wait.
+    pub queue_capacity: usize,
+    /// Documents whose rule state is kept between batches.
+    pub state_cache_capacity: usize,
+}
+
+impl Default for CoreOptions {
+    fn default() -> Self {
+        Self {
+            rules: RuleOptions::default(),
+            max_batch: 256,
+            workers: 4,
+            queue_capacity: 4096,
+            state_cache_capacity: 10_000,
+        }
+    }
+}
+
+/// Why a call failed (as opposed to a message being rejected, which is an [`Outcome`]).
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<BackendError> for CoreError {
+    fn from(error: BackendError) -> Self {
+        match error {
+            BackendError::Unavailable(m) => CoreError::Unavailable(m),
+            BackendError::Other(m) => CoreError::Internal(m),
+        }
+    }
+}
+
+/// The result of a submission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Stored with this per-document sequence number.
+    Accepted { sequence: u64 },
+    /// Refused by a rule; `sequence` is the document's sequence number at that point.
+    Rejected { reason: Reason, sequence: u64 },
+}
+
+/// Which RPC a body arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Snapshot,
+    Update,
+}
+
+/// A document as a load returns it (PROTOCOL.md 6.4), read in one consistent view.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadedDocument {
+    pub found: bool,
+    pub sequence: u64,
+    pub active_snapshot_id: Option<SnapshotId>,
+    pub snapshot: Option<String>,
+    pub updates: Vec<String>,
+    /// `None`: the `document` frame has no `snapshotProofChain` field.
+    pub chain: Option<Vec<ProofEntry>>,
+}
+
+enum Message {
+    Snapshot(SnapshotMessage),
+    Update(UpdateMessage),
+}
+
+struct Work {
+    doc: DocumentId,
+    message: Message,
+    request_id: Option<String>,
+}
+
+/// What a batch accumulates across its documents before writing.
+struct BatchState<'w> {
+    outcomes: Vec<Option<Outcome>>,
+    accepted_requests: HashMap<&'w str, Outcome>,
+    update_rows: Vec<UpdateRow<'w>>,
+}
+
+struct Job {
+    work: Work,
+    reply: oneshot::Sender<Result<Outcome, CoreError>>,
+}
+
+/// The persistence core. Cheap to clone; all clones share the queue and workers.
+#[derive(Debug)]
+pub struct Core<B: Backend> {
+    inner: Arc<Inner<B>>,
+    queue: mpsc::Sender<Job>,
+}
+
+impl<B: Backend> Clone for Core<B> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            queue: self.queue.clone(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner<B> {
+    backend: B,
+    options: CoreOptions,
+    /// Rule state by document, valid while the document's head sequence is unchanged.
+    states: Mutex<HashMap<DocumentId, (u64, DocumentState)>>,
+}
+
+impl<B: Backend> Core<B> {
+    /// Starts the workers on the current tokio runtime.
+    pub fn start(backend: B, options: CoreOptions) -> Self {
+        let (queue, receiver) = mpsc::channel(options.queue_capacity.max(1));
+        let inner = Arc::new(Inner {
+            backend,
+            options,
+            states: Mutex::new(HashMap::new()),
+        });
+        let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
+        for _ in 0..options.workers.max(1) {
+            let inner = inner.clone();
+            let receiver = receiver.clone();
+            tokio::spawn(async move { inner.work(&receiver).await });
+        }
+        Self { inner, queue }
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.inner.backend
+    }
+
+    /// Submits a snapshot or update body (the exact signed text) for `doc`.
+    pub async fn submit(
+        &self,
+        doc: DocumentId,
+        kind: Kind,
+        body: &str,
+        request_id: Option<String>,
+    ) -> Result<Outcome, CoreError> {
+        // The gateway already applied the deployment's policy on extra publicData fields.
+        let options = ParseOptions {
+            allow_extra_public_data_fields: true,
+        };
+        let frame = parse_client_frame(body, options)
+            .map_err(|e| CoreError::BadRequest(format!("body does not parse: {}", e.reason)))?;
+        if frame.check_document(&doc).is_err() {
+            return Ok(Outcome::Rejected {
+                reason: Reason::WrongDocument,
+                sequence: 0,
+            });
+        }
+        let message = match (kind, frame) {
+            (Kind::Snapshot, ClientFrame::Snapshot(m)) => Message::Snapshot(m),
+            (Kind::Update, ClientFrame::Update(m)) => Message::Update(m),
+            _ => {
+                return Err(CoreError::BadRequest(
+                    "body is not of the submitted kind".into(),
+                ))
+            }
+        };
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            work: Work {
+                doc,
+                message,
+                request_id,
+            },
+            reply,
+        };
+        self.queue
+            .send(job)
+            .await
+            .map_err(|_| CoreError::Internal("persistence core stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| CoreError::Internal("persistence worker stopped".into()))?
+    }
+
+    /// Loads a document as PROTOCOL.md 6.4 and 6.5 describe, creating it when `create` is set.
+    pub async fn load(
+        &self,
+        doc: &DocumentId,
+        request: &LoadRequest,
+        create: bool,
+    ) -> Result<LoadedDocument, CoreError> {
+        let backend = &self.inner.backend;
+        let mut tx = backend.begin_read().await?;
+        let head = match tx.document(doc).await? {
+            Some(head) => head,
+            None if create => {
+                drop(tx);
+                backend.ensure_documents(&[doc]).await?;
+                tx = backend.begin_read().await?;
+                tx.document(doc)
+                    .await?
+                    .ok_or_else(|| CoreError::Internal("created document vanished".into()))?
+            }
+            None => return Ok(LoadedDocument::default()),
+        };
+        let plan = plan_load(head.active_snapshot_id.as_ref(), request);
+        let mut loaded = LoadedDocument {
+            found: true,
+            sequence: head.head_seq,
+            active_snapshot_id: head.active_snapshot_id.clone(),
+            ..LoadedDocument::default()
+        };
+        if let Some(active) = &head.active_snapshot_id {
+            if plan.include_snapshot {
+                loaded.snapshot =
+                    Some(tx.snapshot_body(doc, active).await?.ok_or_else(|| {
+                        CoreError::Internal("active snapshot row missing".into())
+                    })?);
+            }
+            loaded.updates = tx
+                .updates(doc, active)
+                .await?
+                .into_iter()
+                .filter(|u| plan.updates.wants(&u.pub_key, u.clock))
+                .map(|u| u.body)
+                .collect();
+        }
+        loaded.chain = match plan.chain {
+            ChainPlan::Omit => None,
+            ChainPlan::Empty => Some(Vec::new()),
+            ChainPlan::From(known) => {
+                Some(proof_chain_after(&tx.proof_entries(doc).await?, &known))
+            }
+        };
+        Ok(loaded)
+    }
+
+    /// Accepted messages after `after_seq`, in order (for gap repair).
+    pub async fn read_events(
+        &self,
+        doc: &DocumentId,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>, CoreError> {
+        Ok(self
+            .inner
+            .backend
+            .events_after(doc, after_seq, limit)
+            .await?)
+    }
+
+    /// Head sequence numbers; documents that do not exist are 0.
+    pub async fn heads(&self, docs: &[DocumentId]) -> Result<HashMap<DocumentId, u64>, CoreError> {
+        Ok(self.inner.backend.heads(docs).await?)
+    }
+}
+
+impl<B: Backend> Inner<B> {
+    async fn work(&self, receiver: &tokio::sync::Mutex<mpsc::Receiver<Job>>) {
+        loop {
+            let mut jobs = Vec::new();
+            {
+                let mut receiver = receiver.lock().await;
+                let Some(first) = receiver.recv().await else {
+                    return;
+                };
+                jobs.push(first);
+                while jobs.len() < self.options.max_batch {
+                    match receiver.try_recv() {
+                        Ok(job) => jobs.push(job),
+                        Err(_) => break,
+                    }
+                }
+            }
+            self.run(jobs).await;
+        }
+    }
+
+    async fn run(&self, jobs: Vec<Job>) {
+        let (works, replies): (Vec<Work>, Vec<_>) =
+            jobs.into_iter().map(|j| (j.work, j.reply)).unzip();
+        match self.commit_batch(&works).await {
+            Ok(outcomes) => {
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(Ok(outcome));
+                }
+            }
+            Err(BackendError::Unavailable(message)) => {
+                tracing::warn!(batch = works.len(), error = %message, "batch failed: database unavailable");
+                for reply in replies {
+                    let _ = reply.send(Err(CoreError::Unavailable(message.clone())));
+                }
+            }
+            Err(BackendError::Other(message)) => {
+                // Something the rules should have prevented; isolate it so only the message
+                // that causes it fails.
+                tracing::error!(batch = works.len(), error = %message, "batch failed; retrying messages one by one");
+                for (work, reply) in works.iter().zip(replies) {
+                    let result = self
+                        .commit_batch(std::slice::from_ref(work))
+                        .await
+                        .map(|mut o| o.remove(0))
+                        .map_err(CoreError::from);
+                    let _ = reply.send(result);
+                }
+            }
+        }
+    }
+
+    /// Runs one batch in one transaction; returns one outcome per work, in order.
+    async fn commit_batch(&self, works: &[Work]) -> Result<Vec<Outcome>, BackendError> {
+        let mut tx = self.backend.begin_write().await?;
+        let request_ids: Vec<&str> = works
+            .iter()
+            .filter_map(|w| w.request_id.as_deref())
+            .collect();
+        let known = if request_ids.is_empty() {
+            HashMap::new()
+        } else {
+            tx.find_requests(&request_ids).await?
+        };
+        let docs: Vec<&DocumentId> = works
+            .iter()
+            .map(|w| &w.doc)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let heads = tx.lock_documents(&docs).await?;
+        if heads.len() < docs.len() {
+            // Create missing documents outside this transaction, then start again: creating
+            // them inside could deadlock with another batch locking in sorted order.
+            drop(tx);
+            let missing: Vec<&DocumentId> = docs
+                .into_iter()
+                .filter(|d| !heads.contains_key(*d))
+                .collect();
+            self.backend.ensure_documents(&missing).await?;
+            return Box::pin(self.commit_batch(works)).await;
+        }
+
+        let mut batch = BatchState {
+            outcomes: vec![None; works.len()],
+            accepted_requests: HashMap::new(),
+            update_rows: Vec::new(),
+        };
+        let mut new_states = Vec::new();
+        for doc in docs {
+            let head = &heads[doc];
+            if let Some(state) = self
+                .apply_to_document(&mut tx, doc, head, works, &known, &mut batch)
+                .await?
+            {
+                new_states.push(state);
+            }
+        }
+        let BatchState {
+            outcomes,
+            update_rows,
+            ..
+        } = batch;
+        if !update_rows.is_empty() {
+            tx.insert_updates(&update_rows).await?;
+        }
+        for (doc, head, _) in &new_states {
+            tx.set_head(doc, head).await?;
+        }
+        tx.commit().await?;
+        self.remember_states(new_states);
+        Ok(outcomes
+            .into_iter()
+            .map(|o| {
+                o.unwrap_or(Outcome::Rejected {
+                    reason: Reason::Unavailable,
+                    sequence: 0,
+                })
+            })
+            .collect())
+    }
+
+    /// Runs the works of one locked document through the rules, in queue order. Returns the
+    /// document's new head and state when anything was accepted.
+    async fn apply_to_document<'w>(
+        &self,
+        tx: &mut B::Write,
+        doc: &'w DocumentId,
+        head: &DocumentHead,
+        works: &'w [Work],
+        known: &HashMap<String, u64>,
+        batch: &mut BatchState<'w>,
+    ) -> Result<Option<(&'w DocumentId, DocumentHead, DocumentState)>, BackendError> {
+        let mut state = match self.cached_state(doc, head.head_seq) {
+            Some(state) => state,
+            None => tx.load_state(doc, head).await?,
+        };
+        let mut seq = head.head_seq;
+        for (i, work) in works.iter().enumerate().filter(|(_, w)| &w.doc == doc) {
+            if let Some(id) = work.request_id.as_deref() {
+                let earlier = known
+                    .get(id)
+                    .map(|&sequence| Outcome::Accepted { sequence })
+                    .or_else(|| batch.accepted_requests.get(id).copied());
+                if let Some(outcome) = earlier {
+                    batch.outcomes[i] = Some(outcome);
+                    continue;
+                }
+            }
+            let outcome = match &work.message {
+                Message::Snapshot(msg) => {
+                    self.apply_snapshot(tx, &mut state, doc, msg, work, &mut seq)
+                        .await?
+                }
+                Message::Update(msg) => match state.accept_update(msg) {
+                    Ok(version) => {
+                        seq += 1;
+                        batch.update_rows.push(UpdateRow {
+                            document_id: doc,
+                            snapshot_id: &msg.ref_snapshot_id,
+                            seq,
+                            version,
+                            pub_key: msg.signed.pub_key().as_str(),
+                            clock: msg.clock,
+                            body: msg.signed.body(),
+                            request_id: work.request_id.as_deref(),
+                        });
+                        Outcome::Accepted { sequence: seq }
+                    }
+                    Err(reason) => Outcome::Rejected {
+                        reason,
+                        sequence: seq,
+                    },
+                },
+            };
+            if let (Some(id), Outcome::Accepted { .. }) = (work.request_id.as_deref(), outcome) {
+                batch.accepted_requests.insert(id, outcome);
+            }
+            batch.outcomes[i] = Some(outcome);
+        }
+        if seq == head.head_seq {
+            return Ok(None);
+        }
+        let new_head = DocumentHead {
+            head_seq: seq,
+            active_snapshot_id: state.active.as_ref().map(|a| a.id.clone()),
+        };
+        Ok(Some((doc, new_head, state)))
+    }
+
+    async fn apply_snapshot(
+        &self,
+        tx: &mut B::Write,
+        state: &mut DocumentState,
+        doc: &DocumentId,
+        msg: &SnapshotMessage,
+        work: &Work,
+        seq: &mut u64,
+    ) -> Result<Outcome, BackendError> {
+        let rejected = |reason| Outcome::Rejected {
+            reason,
+            sequence: *seq,
+        };
+        if let Err(reason) = state.check_snapshot(msg, self.options.rules) {
+            return Ok(rejected(reason));
+        }
+        if tx.snapshot_exists(doc, &msg.snapshot_id).await? {
+            return Ok(rejected(Reason::SnapshotIdTaken));
+        }
+        let hash = msg.ciphertext_hash();
+        let row = SnapshotRow {
+            document_id: doc,
+            id: &msg.snapshot_id,
+            seq: *seq + 1,
+            parent_id: msg.parent_snapshot_id.as_ref(),
+            ciphertext_hash: &hash,
+            parent_snapshot_proof: &msg.parent_snapshot_proof,
+            body: msg.signed.body(),
+            request_id: work.request_id.as_deref(),
+        };
+        tx.insert_snapshot(row).await?;
+        *seq += 1;
+        if let Err(reason) = state.accept_snapshot(msg, hash, self.options.rules) {
+            // Checked above under the same lock; reaching this is a bug.
+            return Err(BackendError::Other(format!(
+                "snapshot rule changed its verdict: {reason}"
+            )));
+        }
+        Ok(Outcome::Accepted { sequence: *seq })
+    }
+
+    fn cached_state(&self, doc: &DocumentId, head_seq: u64) -> Option<DocumentState> {
+        let states = self.states.lock().ok()?;
+        states
+            .get(doc)
+            .filter(|(seq, _)| *seq == head_seq)
+            .map(|(_, state)| state.clone())
+    }
+
+    fn remember_states(&self, new_states: Vec<(&DocumentId, DocumentHead, DocumentState)>) {
+        let Ok(mut states) = self.states.lock() else {
+            return;
+        };
+        if states.len() + new_states.len() > self.options.state_cache_capacity {
+            // Crude but bounded; a miss costs one indexed query.
+            states.clear();
+        }
+        for (doc, head, state) in new_states {
+            states.insert(doc.clone(), (head.head_seq, state));
+        }
+    }
+}

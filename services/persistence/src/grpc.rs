@@ -1,0 +1,356 @@
+//! The gRPC layer over the core: request validation, chunked streaming, and the one mapping of
+//! core errors to gRPC statuses.
+
+use std::pin::Pin;
+
+use futures::Stream;
+use secsync_protocol::{Clock, Clocks, DocumentId, LoadMode, LoadRequest, SnapshotId};
+use secsync_rpc::v1 as pb;
+use secsync_rpc::v1::persistence_server::Persistence;
+use tonic::{Request, Response, Status};
+
+use crate::backend::{Backend, EventKind};
+use crate::core::{Core, CoreError, Kind, LoadedDocument, Outcome};
+
+/// Bytes of body text per streamed chunk; well below any message size limit.
+pub const CHUNK_BYTES: usize = 256 * 1024;
+/// Default and largest number of events per `ReadEvents` call.
+pub const MAX_EVENTS: u32 = 10_000;
+
+/// The tonic service.
+#[derive(Debug)]
+pub struct PersistenceService<B: Backend> {
+    core: Core<B>,
+}
+
+impl<B: Backend> PersistenceService<B> {
+    pub fn new(core: Core<B>) -> Self {
+        Self { core }
+    }
+}
+
+/// The one mapping of core errors to statuses. Internal detail is logged, never sent.
+fn status(error: CoreError) -> Status {
+    match error {
+        CoreError::Unavailable(_) => Status::unavailable("storage unavailable"),
+        CoreError::BadRequest(message) => Status::invalid_argument(message),
+        CoreError::Internal(message) => {
+            tracing::error!(error = %message, "internal error");
+            Status::internal("internal error")
+        }
+    }
+}
+
+fn document_id(text: &str) -> Result<DocumentId, Status> {
+    DocumentId::parse(text).map_err(|e| Status::invalid_argument(format!("document_id: {e}")))
+}
+
+fn request_id(id: Option<&pb::RequestId>) -> Option<String> {
+    id.map(|r| format!("{}/{}/{}", r.gateway, r.connection, r.frame))
+}
+
+fn submit_response(outcome: Outcome) -> pb::SubmitResponse {
+    let result = match outcome {
+        Outcome::Accepted { sequence } => {
+            pb::submit_response::Result::Accepted(pb::Accepted { sequence })
+        }
+        Outcome::Rejected { reason, sequence } => {
+            pb::submit_response::Result::Rejected(pb::Rejected {
+                reason: reason.code().to_owned(),
+                sequence,
+            })
+        }
+    };
+    pb::SubmitResponse {
+        result: Some(result),
+    }
+}
+
+/// Splits a text into pieces of at most `max` bytes on character boundaries.
+fn split_text(text: &str, max: usize) -> Vec<String> {
+    let mut parts = Vec::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let mut end = rest.len().min(max);
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        parts.push(rest[..end].to_owned());
+        rest = &rest[end..];
+    }
+    parts
+}
+
+/// The chunks of a load: header, snapshot parts, update batches of about `CHUNK_BYTES`.
+pub fn load_chunks(loaded: LoadedDocument) -> Vec<pb::LoadDocumentChunk> {
+    use pb::load_document_chunk::Part;
+    let header = pb::LoadHeader {
+        found: loaded.found,
+        sequence: loaded.sequence,
+        active_snapshot_id: loaded
+            .active_snapshot_id
+            .as_ref()
+            .map(|s| s.as_str().to_owned()),
+        has_snapshot: loaded.snapshot.is_some(),
+        snapshot_len: loaded.snapshot.as_ref().map_or(0, |s| s.len() as u64),
+        has_chain: loaded.chain.is_some(),
+        chain: loaded
+            .chain
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| pb::ProofEntry {
+                snapshot_id: e.snapshot_id.as_str().to_owned(),
+                parent_snapshot_proof: e.parent_snapshot_proof,
+                snapshot_ciphertext_hash: e.snapshot_ciphertext_hash,
+            })
+            .collect(),
+        update_count: loaded.updates.len() as u64,
+    };
+    let mut chunks = vec![pb::LoadDocumentChunk {
+        part: Some(Part::Header(header)),
+    }];
+    if let Some(snapshot) = &loaded.snapshot {
+        chunks.extend(split_text(snapshot, CHUNK_BYTES).into_iter().map(|p| {
+            pb::LoadDocumentChunk {
+                part: Some(Part::SnapshotPart(p)),
+            }
+        }));
+    }
+    let mut batch = Vec::new();
+    let mut size = 0;
+    for body in loaded.updates {
+        if size + body.len() > CHUNK_BYTES && !batch.is_empty() {
+            chunks.push(pb::LoadDocumentChunk {
+                part: Some(Part::Updates(pb::UpdateBodies {
+                    bodies: std::mem::take(&mut batch),
+                })),
+            });
+            size = 0;
+        }
+        size += body.len();
+        batch.push(body);
+    }
+    if !batch.is_empty() {
+        chunks.push(pb::LoadDocumentChunk {
+            part: Some(Part::Updates(pb::UpdateBodies { bodies: batch })),
+        });
+    }
+    chunks
+}
+
+type ChunkStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<B: Backend> Persistence for PersistenceService<B> {
+    type LoadDocumentStream = ChunkStream<pb::LoadDocumentChunk>;
+    type ReadEventsStream = ChunkStream<pb::ReadEventsChunk>;
+
+    async fn load_document(
+        &self,
+        request: Request<pb::LoadDocumentRequest>,
+    ) -> Result<Response<Self::LoadDocumentStream>, Status> {
+        let req = request.into_inner();
+        let doc = document_id(&req.document_id)?;
+        let known_snapshot_id = req
+            .known_snapshot_id
+            .as_deref()
+            .map(SnapshotId::parse)
+            .transpose()
+            .map_err(|e| Status::invalid_argument(format!("known_snapshot_id: {e}")))?;
+        let known_clocks = req
+            .known_clocks
+            .into_iter()
+            .map(|(k, v)| Clock::new(v).map(|c| (k, c)))
+            .collect::<Result<Clocks, _>>()
+            .map_err(|e| Status::invalid_argument(format!("known_clocks: {e}")))?;
+        let mode = if req.mode == pb::LoadMode::Delta as i32 {
+            LoadMode::Delta
+        } else {
+            LoadMode::Complete
+        };
+        let load = LoadRequest {
+            mode,
+            known_snapshot_id,
+            known_clocks,
+        };
+        let loaded = self
+            .core
+            .load(&doc, &load, req.create)
+            .await
+            .map_err(status)?;
+        let chunks = load_chunks(loaded);
+        Ok(Response::new(Box::pin(tokio_stream::iter(
+            chunks.into_iter().map(Ok),
+        ))))
+    }
+
+    async fn submit_snapshot(
+        &self,
+        request: Request<pb::SubmitSnapshotRequest>,
+    ) -> Result<Response<pb::SubmitResponse>, Status> {
+        let req = request.into_inner();
+        let doc = document_id(&req.document_id)?;
+        let outcome = self
+            .core
+            .submit(
+                doc,
+                Kind::Snapshot,
+                &req.body,
+                request_id(req.request_id.as_ref()),
+            )
+            .await
+            .map_err(status)?;
+        Ok(Response::new(submit_response(outcome)))
+    }
+
+    async fn submit_update(
+        &self,
+        request: Request<pb::SubmitUpdateRequest>,
+    ) -> Result<Response<pb::SubmitResponse>, Status> {
+        let req = request.into_inner();
+        let doc = document_id(&req.document_id)?;
+        let outcome = self
+            .core
+            .submit(
+                doc,
+                Kind::Update,
+                &req.body,
+                request_id(req.request_id.as_ref()),
+            )
+            .await
+            .map_err(status)?;
+        Ok(Response::new(submit_response(outcome)))
+    }
+
+    async fn read_events(
+        &self,
+        request: Request<pb::ReadEventsRequest>,
+    ) -> Result<Response<Self::ReadEventsStream>, Status> {
+        let req = request.into_inner();
+        let doc = document_id(&req.document_id)?;
+        let limit = if req.limit == 0 {
+            MAX_EVENTS
+        } else {
+            req.limit.min(MAX_EVENTS)
+        };
+        let events = self
+            .core
+            .read_events(&doc, req.after_sequence, limit)
+            .await
+            .map_err(status)?;
+        let mut chunks = Vec::new();
+        let mut batch = Vec::new();
+        let mut size = 0;
+        for event in events {
+            if size + event.body.len() > CHUNK_BYTES && !batch.is_empty() {
+                chunks.push(pb::ReadEventsChunk {
+                    events: std::mem::take(&mut batch),
+                });
+                size = 0;
+            }
+            size += event.body.len();
+            batch.push(pb::Event {
+                sequence: event.seq,
+                kind: match event.kind {
+                    EventKind::Snapshot => pb::EventKind::Snapshot,
+                    EventKind::Update => pb::EventKind::Update,
+                } as i32,
+                body: event.body,
+            });
+        }
+        if !batch.is_empty() {
+            chunks.push(pb::ReadEventsChunk { events: batch });
+        }
+        Ok(Response::new(Box::pin(tokio_stream::iter(
+            chunks.into_iter().map(Ok),
+        ))))
+    }
+
+    async fn get_heads(
+        &self,
+        request: Request<pb::GetHeadsRequest>,
+    ) -> Result<Response<pb::GetHeadsResponse>, Status> {
+        let ids = request
+            .into_inner()
+            .document_ids
+            .iter()
+            .map(|d| document_id(d))
+            .collect::<Result<Vec<_>, _>>()?;
+        let heads = self.core.heads(&ids).await.map_err(status)?;
+        Ok(Response::new(pb::GetHeadsResponse {
+            heads: ids
+                .iter()
+                .map(|d| (d.as_str().to_owned(), heads.get(d).copied().unwrap_or(0)))
+                .collect(),
+        }))
+    }
+}
+
+/// Runs migrations (retrying while the database is down), then serves gRPC with health and
+/// reflection on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    backend: crate::postgres::PgBackend,
+    options: crate::core::CoreOptions,
+    max_message_bytes: usize,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    use std::time::Duration;
+    use tonic_health::ServingStatus;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let service_name = "secsync.persistence.v1.Persistence";
+    health
+        .set_service_status(service_name, ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match backend.migrate().await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "migrations failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+
+    // Readiness follows the database: NOT_SERVING while it does not answer.
+    let probe = backend.clone();
+    let reporter = health.clone();
+    tokio::spawn(async move {
+        loop {
+            let status = if probe.ping().await {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            reporter.set_service_status(service_name, status).await;
+            reporter.set_service_status("", status).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+
+    let core = Core::start(backend, options);
+    let service =
+        secsync_rpc::v1::persistence_server::PersistenceServer::new(PersistenceService::new(core))
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes);
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(secsync_rpc::v1::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(service)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,17 @@
+//! The persistence service: the only component that talks to the database.
+//!
+//! * [`core`]: sequencing, batching and idempotency; every decision comes from the protocol
+//!   crate's rules.
+//! * [`backend`]: the storage interface the core runs on; [`postgres`] implements it.
+//! * [`grpc`]: the thin gRPC layer over the core (`proto/secsync/persistence/v1`).
+//! * [`config`]: the binary's flags and environment variables.
+//!
+//! The gateway can also run the core in-process (the embedded single-node binary).
+
+pub mod backend;
+pub mod config;
+pub mod core;
+pub mod grpc;
+pub mod postgres;
+
+pub use crate::core::{Core, CoreError, CoreOptions, Kind, LoadedDocument, Outcome};

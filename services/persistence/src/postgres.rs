@@ -1,0 +1,465 @@
+//! The Postgres backend: the only code that speaks SQL to Postgres.
+//!
+//! Writes run in READ COMMITTED transactions serialised per document by a row lock on the
+//! document (`SELECT … FOR UPDATE`, documents in sorted order); loads run in REPEATABLE READ
+//! READ ONLY transactions so the state and its sequence number come from one snapshot of the
+//! database. Commits are durable (`synchronous_commit` is never lowered). Migrations live in
+//! `migrations/postgres` and run on start.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use secsync_protocol::{
+    ActiveSnapshot, Clock, Clocks, DocumentId, DocumentState, ProofEntry, SnapshotId,
+};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+
+use crate::backend::{
+    Backend, BackendError, DocumentHead, EventKind, ReadTx, SnapshotRow, StoredEvent, StoredUpdate,
+    UpdateRow, WriteTx,
+};
+
+/// Connection settings of the backend.
+#[derive(Debug, Clone)]
+pub struct PgSettings {
+    pub max_connections: u32,
+    /// How long a call waits for a connection before failing with "unavailable".
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PgSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Postgres through a sqlx pool.
+#[derive(Debug, Clone)]
+pub struct PgBackend {
+    pool: PgPool,
+}
+
+impl PgBackend {
+    /// Creates a pool that connects lazily, so the service starts (and reports unready) while
+    /// the database is down, and recovers by itself when it is back.
+    pub fn connect_lazy(url: &str, settings: &PgSettings) -> Result<Self, BackendError> {
+        let options: PgConnectOptions = url
+            .parse()
+            .map_err(|e: sqlx::Error| BackendError::Other(format!("bad database url: {e}")))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .acquire_timeout(settings.acquire_timeout)
+            .connect_lazy_with(options);
+        Ok(Self { pool })
+    }
+
+    /// Runs the embedded migrations.
+    pub async fn migrate(&self) -> Result<(), BackendError> {
+        sqlx::migrate!("migrations/postgres")
+            .run(&self.pool)
+            .await
+            .map_err(|e| match e {
+                sqlx::migrate::MigrateError::Execute(e) => map_error(e),
+                other => BackendError::Other(other.to_string()),
+            })
+    }
+
+    /// Whether the database answers now.
+    pub async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// Connection failures and server shutdowns are "unavailable"; everything else is a bug.
+#[allow(clippy::needless_pass_by_value)] // shaped for `map_err(map_error)`
+fn map_error(error: sqlx::Error) -> BackendError {
+    match &error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => BackendError::Unavailable(error.to_string()),
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            // Class 08: connection exception; 57P0x: shutdown / cannot connect now; 53: resources.
+            if code.starts_with("08") || code.starts_with("57P") || code.starts_with("53") {
+                BackendError::Unavailable(error.to_string())
+            } else {
+                BackendError::Other(error.to_string())
+            }
+        }
+        _ => BackendError::Other(error.to_string()),
+    }
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn to_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+fn snapshot_id(text: &str) -> Result<SnapshotId, BackendError> {
+    SnapshotId::parse(text).map_err(|e| BackendError::Other(format!("stored snapshot id: {e}")))
+}
+
+fn clock(n: i64) -> Result<Clock, BackendError> {
+    Clock::new(to_u64(n)).map_err(|e| BackendError::Other(format!("stored clock: {e}")))
+}
+
+/// A write transaction.
+#[derive(Debug)]
+pub struct PgWrite(Transaction<'static, Postgres>);
+
+/// A consistent read-only transaction.
+#[derive(Debug)]
+pub struct PgRead(Transaction<'static, Postgres>);
+
+impl Backend for PgBackend {
+    type Write = PgWrite;
+    type Read = PgRead;
+
+    async fn ensure_documents(&self, ids: &[&DocumentId]) -> Result<(), BackendError> {
+        let mut sorted: Vec<&str> = ids.iter().map(|d| d.as_str()).collect();
+        sorted.sort_unstable();
+        sqlx::query(
+            "INSERT INTO documents (id) SELECT * FROM UNNEST($1::text[]) ORDER BY 1 \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&sorted)
+        .execute(&self.pool)
+        .await
+        .map_err(map_error)?;
+        Ok(())
+    }
+
+    async fn begin_write(&self) -> Result<PgWrite, BackendError> {
+        Ok(PgWrite(self.pool.begin().await.map_err(map_error)?))
+    }
+
+    async fn begin_read(&self) -> Result<PgRead, BackendError> {
+        let mut tx = self.pool.begin().await.map_err(map_error)?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .execute(&mut *tx)
+            .await
+            .map_err(map_error)?;
+        Ok(PgRead(tx))
+    }
+
+    async fn events_after(
+        &self,
+        doc: &DocumentId,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>, BackendError> {
+        let rows = sqlx::query(
+            "SELECT seq, true AS is_snapshot, body FROM snapshots WHERE document_id = $1 AND seq > $2 \
+             UNION ALL \
+             SELECT seq, false, body FROM updates WHERE document_id = $1 AND seq > $2 \
+             ORDER BY seq LIMIT $3",
+        )
+        .bind(doc.as_str())
+        .bind(to_i64(after_seq))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_error)?;
+        Ok(rows
+            .into_iter()
+            .map(|row| StoredEvent {
+                seq: to_u64(row.get("seq")),
+                kind: if row.get("is_snapshot") {
+                    EventKind::Snapshot
+                } else {
+                    EventKind::Update
+                },
+                body: row.get("body"),
+            })
+            .collect())
+    }
+
+    async fn heads(&self, ids: &[DocumentId]) -> Result<HashMap<DocumentId, u64>, BackendError> {
+        let names: Vec<&str> = ids.iter().map(DocumentId::as_str).collect();
+        let rows = sqlx::query("SELECT id, head_seq FROM documents WHERE id = ANY($1)")
+            .bind(&names)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_error)?;
+        rows.into_iter()
+            .map(|row| {
+                let id: String = row.get("id");
+                let doc = DocumentId::parse(&id)
+                    .map_err(|e| BackendError::Other(format!("stored document id: {e}")))?;
+                Ok((doc, to_u64(row.get("head_seq"))))
+            })
+            .collect()
+    }
+}
+
+impl WriteTx for PgWrite {
+    async fn find_requests(&mut self, ids: &[&str]) -> Result<HashMap<String, u64>, BackendError> {
+        let rows = sqlx::query(
+            "SELECT request_id, seq FROM snapshots WHERE request_id = ANY($1) \
+             UNION ALL SELECT request_id, seq FROM updates WHERE request_id = ANY($1)",
+        )
+        .bind(ids)
+        .fetch_all(&mut *self.0)
+        .await
+        .map_err(map_error)?;
+        Ok(rows
+            .into_iter()
+            .map(|row| (row.get("request_id"), to_u64(row.get("seq"))))
+            .collect())
+    }
+
+    async fn lock_documents(
+        &mut self,
+        sorted_ids: &[&DocumentId],
+    ) -> Result<HashMap<DocumentId, DocumentHead>, BackendError> {
+        let names: Vec<&str> = sorted_ids.iter().map(|d| d.as_str()).collect();
+        // ORDER BY before the lock: rows are locked in sorted order, so batches never deadlock.
+        let rows = sqlx::query(
+            "SELECT id, head_seq, active_snapshot_id FROM documents WHERE id = ANY($1) \
+             ORDER BY id FOR UPDATE",
+        )
+        .bind(&names)
+        .fetch_all(&mut *self.0)
+        .await
+        .map_err(map_error)?;
+        let mut heads = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let id: String = row.get("id");
+            let doc = DocumentId::parse(&id)
+                .map_err(|e| BackendError::Other(format!("stored document id: {e}")))?;
+            let active: Option<String> = row.get("active_snapshot_id");
+            heads.insert(
+                doc,
+                DocumentHead {
+                    head_seq: to_u64(row.get("head_seq")),
+                    active_snapshot_id: active.as_deref().map(snapshot_id).transpose()?,
+                },
+            );
+        }
+        Ok(heads)
+    }
+
+    async fn load_state(
+        &mut self,
+        doc: &DocumentId,
+        head: &DocumentHead,
+    ) -> Result<DocumentState, BackendError> {
+        let Some(active) = &head.active_snapshot_id else {
+            return Ok(DocumentState::default());
+        };
+        let snapshot = sqlx::query(
+            "SELECT ciphertext_hash, parent_snapshot_proof FROM snapshots \
+             WHERE document_id = $1 AND id = $2",
+        )
+        .bind(doc.as_str())
+        .bind(active.as_str())
+        .fetch_one(&mut *self.0)
+        .await
+        .map_err(map_error)?;
+        let rows = sqlx::query(
+            "SELECT pub_key, max(clock) AS clock, count(*) AS n FROM updates \
+             WHERE document_id = $1 AND snapshot_id = $2 GROUP BY pub_key",
+        )
+        .bind(doc.as_str())
+        .bind(active.as_str())
+        .fetch_all(&mut *self.0)
+        .await
+        .map_err(map_error)?;
+        let mut clocks = Clocks::new();
+        let mut update_count = 0;
+        for row in rows {
+            clocks.insert(row.get("pub_key"), clock(row.get("clock"))?);
+            update_count += to_u64(row.get("n"));
+        }
+        Ok(DocumentState {
+            active: Some(ActiveSnapshot {
+                id: active.clone(),
+                ciphertext_hash: snapshot.get("ciphertext_hash"),
+                parent_snapshot_proof: snapshot.get("parent_snapshot_proof"),
+                clocks,
+                update_count,
+            }),
+        })
+    }
+
+    async fn snapshot_exists(
+        &mut self,
+        doc: &DocumentId,
+        id: &SnapshotId,
+    ) -> Result<bool, BackendError> {
+        let row = sqlx::query("SELECT 1 AS one FROM snapshots WHERE document_id = $1 AND id = $2")
+            .bind(doc.as_str())
+            .bind(id.as_str())
+            .fetch_optional(&mut *self.0)
+            .await
+            .map_err(map_error)?;
+        Ok(row.is_some())
+    }
+
+    async fn insert_snapshot(&mut self, row: SnapshotRow<'_>) -> Result<(), BackendError> {
+        sqlx::query(
+            "INSERT INTO snapshots (document_id, id, seq, parent_id, ciphertext_hash, \
+             parent_snapshot_proof, body, request_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(row.document_id.as_str())
+        .bind(row.id.as_str())
+        .bind(to_i64(row.seq))
+        .bind(row.parent_id.map(SnapshotId::as_str))
+        .bind(row.ciphertext_hash)
+        .bind(row.parent_snapshot_proof)
+        .bind(row.body)
+        .bind(row.request_id)
+        .execute(&mut *self.0)
+        .await
+        .map_err(map_error)?;
+        Ok(())
+    }
+
+    async fn insert_updates(&mut self, rows: &[UpdateRow<'_>]) -> Result<(), BackendError> {
+        let mut docs = Vec::with_capacity(rows.len());
+        let mut snapshots = Vec::with_capacity(rows.len());
+        let mut seqs = Vec::with_capacity(rows.len());
+        let mut versions = Vec::with_capacity(rows.len());
+        let mut keys = Vec::with_capacity(rows.len());
+        let mut clocks = Vec::with_capacity(rows.len());
+        let mut bodies = Vec::with_capacity(rows.len());
+        let mut requests = Vec::with_capacity(rows.len());
+        for row in rows {
+            docs.push(row.document_id.as_str());
+            snapshots.push(row.snapshot_id.as_str());
+            seqs.push(to_i64(row.seq));
+            versions.push(to_i64(row.version));
+            keys.push(row.pub_key);
+            clocks.push(to_i64(row.clock.get()));
+            bodies.push(row.body);
+            requests.push(row.request_id);
+        }
+        // One statement for the whole batch; the gap-refusing foreign keys are checked at its end.
+        sqlx::query(
+            "INSERT INTO updates (document_id, snapshot_id, seq, version, pub_key, clock, body, request_id) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[], \
+             $6::int8[], $7::text[], $8::text[])",
+        )
+        .bind(&docs)
+        .bind(&snapshots)
+        .bind(&seqs)
+        .bind(&versions)
+        .bind(&keys)
+        .bind(&clocks)
+        .bind(&bodies)
+        .bind(&requests)
+        .execute(&mut *self.0)
+        .await
+        .map_err(map_error)?;
+        Ok(())
+    }
+
+    async fn set_head(
+        &mut self,
+        doc: &DocumentId,
+        head: &DocumentHead,
+    ) -> Result<(), BackendError> {
+        sqlx::query("UPDATE documents SET head_seq = $2, active_snapshot_id = $3 WHERE id = $1")
+            .bind(doc.as_str())
+            .bind(to_i64(head.head_seq))
+            .bind(head.active_snapshot_id.as_ref().map(SnapshotId::as_str))
+            .execute(&mut *self.0)
+            .await
+            .map_err(map_error)?;
+        Ok(())
+    }
+
+    async fn commit(self) -> Result<(), BackendError> {
+        self.0.commit().await.map_err(map_error)
+    }
+}
+
+impl ReadTx for PgRead {
+    async fn document(&mut self, doc: &DocumentId) -> Result<Option<DocumentHead>, BackendError> {
+        let row = sqlx::query("SELECT head_seq, active_snapshot_id FROM documents WHERE id = $1")
+            .bind(doc.as_str())
+            .fetch_optional(&mut *self.0)
+            .await
+            .map_err(map_error)?;
+        row.map(|row| {
+            let active: Option<String> = row.get("active_snapshot_id");
+            Ok(DocumentHead {
+                head_seq: to_u64(row.get("head_seq")),
+                active_snapshot_id: active.as_deref().map(snapshot_id).transpose()?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn snapshot_body(
+        &mut self,
+        doc: &DocumentId,
+        id: &SnapshotId,
+    ) -> Result<Option<String>, BackendError> {
+        let row = sqlx::query("SELECT body FROM snapshots WHERE document_id = $1 AND id = $2")
+            .bind(doc.as_str())
+            .bind(id.as_str())
+            .fetch_optional(&mut *self.0)
+            .await
+            .map_err(map_error)?;
+        Ok(row.map(|r| r.get("body")))
+    }
+
+    async fn updates(
+        &mut self,
+        doc: &DocumentId,
+        snapshot: &SnapshotId,
+    ) -> Result<Vec<StoredUpdate>, BackendError> {
+        let rows = sqlx::query(
+            "SELECT pub_key, clock, body FROM updates WHERE document_id = $1 AND snapshot_id = $2 \
+             ORDER BY version",
+        )
+        .bind(doc.as_str())
+        .bind(snapshot.as_str())
+        .fetch_all(&mut *self.0)
+        .await
+        .map_err(map_error)?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(StoredUpdate {
+                    pub_key: row.get("pub_key"),
+                    clock: clock(row.get("clock"))?,
+                    body: row.get("body"),
+                })
+            })
+            .collect()
+    }
+
+    async fn proof_entries(&mut self, doc: &DocumentId) -> Result<Vec<ProofEntry>, BackendError> {
+        let rows = sqlx::query(
+            "SELECT id, parent_snapshot_proof, ciphertext_hash FROM snapshots \
+             WHERE document_id = $1 ORDER BY seq",
+        )
+        .bind(doc.as_str())
+        .fetch_all(&mut *self.0)
+        .await
+        .map_err(map_error)?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(ProofEntry {
+                    snapshot_id: snapshot_id(row.get::<&str, _>("id"))?,
+                    parent_snapshot_proof: row.get("parent_snapshot_proof"),
+                    snapshot_ciphertext_hash: row.get("ciphertext_hash"),
+                })
+            })
+            .collect()
+    }
+}
