@@ -7,6 +7,7 @@
 //! * [`message`]: client frames, keeping the exact signed text as the body to store and relay.
 //! * [`connect`]: the connection URL.
 //! * [`rules`]: the server's rules as pure functions over a small document state.
+//! * [`server_frame`]: server → client frames as a client reads them.
 //! * [`error`] and [`wire`]: the one error type, its one mapping to replies, and the frames the
 //!   server sends.
 //!
@@ -22,6 +23,7 @@ pub mod ids;
 pub mod json;
 pub mod message;
 pub mod rules;
+pub mod server_frame;
 pub mod wire;
 
 pub use connect::{parse_connect, ConnectError, ConnectRequest, SessionKey};
@@ -36,3 +38,4 @@ pub use rules::{
     plan_load, ActiveSnapshot, ChainPlan, Clocks, DocumentState, LoadMode, LoadPlan, LoadRequest,
     RuleOptions, UpdateSelection,
 };
+pub use server_frame::{parse_server_frame, ServerFrame};
