@@ -1,0 +1,111 @@
+//! The one configuration of `secsync-gateway`: flags, each also an environment variable.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// The secsync WebSocket gateway: speaks the secsync protocol to clients, stores through the
+/// persistence service and fans out through NATS.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "secsync-gateway", version)]
+pub struct Config {
+    /// Address to serve WebSocket clients (and /healthz, /readyz) on.
+    #[arg(long, env = "SECSYNC_GATEWAY_LISTEN", default_value = "127.0.0.1:4000")]
+    pub listen: SocketAddr,
+
+    /// Persistence service URL; the host may resolve to several addresses (all are used).
+    #[arg(
+        long,
+        env = "SECSYNC_PERSISTENCE_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub persistence: String,
+
+    /// NATS URL.
+    #[arg(
+        long,
+        env = "SECSYNC_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub nats: String,
+
+    /// NATS user (with --nats-password).
+    #[arg(long, env = "SECSYNC_NATS_USER")]
+    pub nats_user: Option<String>,
+
+    /// NATS password (a secret: never logged).
+    #[arg(long, env = "SECSYNC_NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+
+    /// Access control mode.
+    #[arg(long, env = "SECSYNC_AUTH", value_enum, default_value = "open")]
+    pub auth: AuthMode,
+
+    /// Path prefix in front of document ids (e.g. `/sync` behind an ingress).
+    #[arg(long, env = "SECSYNC_PATH_PREFIX", default_value = "")]
+    pub path_prefix: String,
+
+    /// Largest WebSocket message (and frame) in bytes; larger ones close the connection (1009).
+    #[arg(long, env = "SECSYNC_MAX_FRAME_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub max_frame_bytes: usize,
+
+    /// Frames per second a connection may send (sustained); faster senders are slowed down.
+    #[arg(long, env = "SECSYNC_RATE_PER_SECOND", default_value_t = 500)]
+    pub rate_per_second: u32,
+
+    /// Frames a connection may send in a burst above the sustained rate.
+    #[arg(long, env = "SECSYNC_RATE_BURST", default_value_t = 1000)]
+    pub rate_burst: u32,
+
+    /// Most open connections; more are refused at the upgrade with 503.
+    #[arg(long, env = "SECSYNC_MAX_CONNECTIONS", default_value_t = 20_000)]
+    pub max_connections: usize,
+
+    /// Frames queued for a client that does not read before it is disconnected (close 1013).
+    #[arg(long, env = "SECSYNC_SEND_QUEUE", default_value_t = 1024)]
+    pub send_queue: usize,
+
+    /// How long a write is retried while persistence is unavailable before `*-save-failed`.
+    #[arg(long, env = "SECSYNC_WRITE_RETRY_SECONDS", default_value_t = 10.0)]
+    pub write_retry_seconds: f64,
+
+    /// How long a shutdown waits for connections to finish their frames and close.
+    #[arg(long, env = "SECSYNC_DRAIN_SECONDS", default_value_t = 20.0)]
+    pub drain_seconds: f64,
+
+    /// Seconds between WebSocket pings; a connection silent for two intervals is closed.
+    #[arg(long, env = "SECSYNC_PING_SECONDS", default_value_t = 30.0)]
+    pub ping_seconds: f64,
+
+    /// Accept publicData fields beyond PROTOCOL.md 4 (they are signed and relayed as sent).
+    #[arg(long, env = "SECSYNC_ALLOW_EXTRA_PUBLIC_DATA", default_value_t = false)]
+    pub allow_extra_public_data: bool,
+
+    /// Bodies above this size travel through NATS by reference (read back from persistence).
+    #[arg(long, env = "SECSYNC_BUS_INLINE_MAX", default_value_t = 512 * 1024)]
+    pub bus_inline_max: usize,
+
+    /// Milliseconds a gap in a document's stream may stay open before it is read from persistence.
+    #[arg(long, env = "SECSYNC_GAP_TIMEOUT_MS", default_value_t = 200)]
+    pub gap_timeout_ms: u64,
+
+    /// Seconds between checks of every open document's head sequence.
+    #[arg(long, env = "SECSYNC_HEAD_CHECK_SECONDS", default_value_t = 5.0)]
+    pub head_check_seconds: f64,
+
+    /// Log format: `human` or `json`.
+    #[arg(long, env = "SECSYNC_LOG_FORMAT", default_value = "human")]
+    pub log_format: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuthMode {
+    /// Any session key may read and write any document.
+    Open,
+}
+
+/// Seconds from a flag, clamped to something a timer can hold.
+pub fn seconds(value: f64) -> Duration {
+    Duration::from_secs_f64(value.clamp(0.0, 86_400.0))
+}

@@ -1,0 +1,19 @@
+//! The secsync WebSocket gateway.
+//!
+//! * [`server`]: HTTP surface (WebSocket endpoint, health, readiness) and the drain.
+//! * [`session`]: one connection — opening sequence, frames in arrival order, delivery.
+//! * [`hub`]: per-document fan-out in sequence order with gap repair.
+//! * Seams: [`store`] (persistence; [`grpc_store`]), [`bus`] (fan-out; [`nats_bus`]),
+//!   [`auth`] (access control).
+//! * [`gateway`]: shared state; [`config`]: the binary's flags.
+
+pub mod auth;
+pub mod bus;
+pub mod config;
+pub mod gateway;
+pub mod grpc_store;
+pub mod hub;
+pub mod nats_bus;
+pub mod server;
+pub mod session;
+pub mod store;

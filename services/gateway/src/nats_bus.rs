@@ -1,0 +1,112 @@
+//! The bus over NATS core subjects, one per document: `secsync.doc.<b64u(document id)>`.
+//!
+//! Document ids may contain `.`, `*`, `>` or spaces, which are not legal in a subject token, so
+//! the token is the id's bytes in URL-safe base64. Publishing while NATS is away is logged and
+//! dropped: local delivery and writes go on, and the hub repairs remote gaps from persistence
+//! once NATS is back (it is told through [`Bus::resyncs`]).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::StreamExt as _;
+use secsync_protocol::{b64, DocumentId};
+
+use crate::bus::{Bus, BusError, BusEvent, BusStream};
+
+/// The subject of a document.
+pub fn subject(doc: &DocumentId) -> String {
+    format!("secsync.doc.{}", b64::encode(doc.as_str()))
+}
+
+/// NATS connection settings.
+#[derive(Debug, Clone)]
+pub struct NatsOptions {
+    pub url: String,
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct NatsBus {
+    client: async_nats::Client,
+    resync: tokio::sync::watch::Sender<u64>,
+    connected: Arc<AtomicBool>,
+}
+
+impl NatsBus {
+    /// Connects in the background: the gateway starts (unready) while NATS is away.
+    pub async fn connect(options: &NatsOptions) -> Result<Self, BusError> {
+        let (resync, _) = tokio::sync::watch::channel(0u64);
+        let connected = Arc::new(AtomicBool::new(false));
+        let (events_resync, events_connected) = (resync.clone(), connected.clone());
+        let mut connect = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .event_callback(move |event| {
+                let (resync, connected) = (events_resync.clone(), events_connected.clone());
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            connected.store(true, Ordering::SeqCst);
+                            resync.send_modify(|n| *n += 1);
+                            tracing::info!("NATS connected");
+                        }
+                        async_nats::Event::Disconnected => {
+                            connected.store(false, Ordering::SeqCst);
+                            tracing::warn!("NATS disconnected");
+                        }
+                        async_nats::Event::SlowConsumer(_) => {
+                            resync.send_modify(|n| *n += 1);
+                            tracing::warn!("NATS slow consumer: messages dropped, resyncing");
+                        }
+                        other => tracing::info!(event = %other, "NATS event"),
+                    }
+                }
+            });
+        if let (Some(user), Some(password)) = (&options.user, &options.password) {
+            connect = connect.user_and_password(user.clone(), password.clone());
+        }
+        let client = connect
+            .connect(options.url.as_str())
+            .await
+            .map_err(|e| BusError(e.to_string()))?;
+        if client.connection_state() == async_nats::connection::State::Connected {
+            connected.store(true, Ordering::SeqCst);
+        }
+        Ok(Self {
+            client,
+            resync,
+            connected,
+        })
+    }
+}
+
+#[async_trait]
+impl Bus for NatsBus {
+    async fn subscribe(&self, doc: &DocumentId) -> Result<BusStream, BusError> {
+        let subscriber = self
+            .client
+            .subscribe(subject(doc))
+            .await
+            .map_err(|e| BusError(e.to_string()))?;
+        Ok(Box::pin(subscriber.filter_map(|message| async move {
+            BusEvent::decode(&message.payload)
+        })))
+    }
+
+    async fn publish(&self, doc: &DocumentId, event: &BusEvent) -> Result<(), BusError> {
+        self.client
+            .publish(subject(doc), event.encode().into())
+            .await
+            .map_err(|e| BusError(e.to_string()))
+    }
+
+    fn resyncs(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.resync.subscribe()
+    }
+
+    fn connected(&self) -> bool {
+        self.connected.load(Ordering::SeqCst)
+    }
+}

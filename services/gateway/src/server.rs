@@ -1,0 +1,89 @@
+//! HTTP surface: the WebSocket endpoint (`/{documentId}?sessionKey=…`), `/healthz`, `/readyz`,
+//! and the one shutdown path (stop accepting, tell connections to finish, wait with a deadline).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{State, WebSocketUpgrade};
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use secsync_protocol::parse_connect;
+
+use crate::gateway::Gateway;
+use crate::session;
+
+/// The router: every path is a document unless it is a plain GET of a health endpoint.
+pub fn router(gateway: Arc<Gateway>) -> Router {
+    Router::new().fallback(handle).with_state(gateway)
+}
+
+async fn handle(
+    State(gateway): State<Arc<Gateway>>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    uri: Uri,
+) -> Response {
+    let Ok(upgrade) = upgrade else {
+        return match uri.path() {
+            "/healthz" => (StatusCode::OK, "ok").into_response(),
+            "/readyz" if gateway.ready() => (StatusCode::OK, "ready").into_response(),
+            "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response(),
+            _ => StatusCode::NOT_FOUND.into_response(),
+        };
+    };
+    if gateway.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response();
+    }
+    let Ok(permit) = gateway.connections.clone().try_acquire_owned() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
+    };
+    // The raw (still percent-encoded) path; never log the query, it holds the session key.
+    let path = uri.path();
+    let path = path
+        .strip_prefix(gateway.path_prefix.as_str())
+        .unwrap_or(path);
+    let request = parse_connect(path, uri.query());
+    let connection = gateway.next_connection();
+    let limit = gateway.limits.max_frame_bytes;
+    let tasks = gateway.tasks.clone();
+    upgrade
+        .max_message_size(limit)
+        .max_frame_size(limit)
+        // Small buffers keep idle connections cheap; they grow for large frames.
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .on_upgrade(move |socket| {
+            tasks.track_future(async move {
+                session::run(gateway, socket, request, connection).await;
+                drop(permit);
+            })
+        })
+}
+
+/// Serves on `listener` until `shutdown` resolves, then drains: readiness false, no new
+/// connections, every connection finishes the frame it is handling and is closed with 1012
+/// ("service restart") so its client reconnects elsewhere; waits at most `drain` for that.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    gateway: Arc<Gateway>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    drain: Duration,
+) -> std::io::Result<()> {
+    let token = gateway.shutdown.clone();
+    let app = router(gateway.clone());
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        token.cancel();
+    });
+    server.await?;
+    gateway.tasks.close();
+    if tokio::time::timeout(drain, gateway.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(open = gateway.open_connections(), "drain deadline reached");
+    }
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! The **store** seam: what a gateway needs from persistence.
+//!
+//! [`GrpcStore`](crate::grpc_store::GrpcStore) calls the persistence service; the embedded
+//! binary plugs the persistence core in directly. Rejections are values ([`Submitted::Rejected`]),
+//! failures of the call itself are [`StoreError`]s.
+
+use async_trait::async_trait;
+use secsync_protocol::{DocumentId, LoadRequest, ProofEntry, Reason, SnapshotId};
+
+/// A call to persistence failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// Persistence (or its database) cannot be reached now; retrying may help.
+    #[error("persistence unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else; retrying will not help.
+    #[error("persistence error: {0}")]
+    Failed(String),
+}
+
+/// A document as loaded (PROTOCOL.md 6.4), at one sequence number.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Loaded {
+    pub found: bool,
+    pub sequence: u64,
+    pub active_snapshot_id: Option<SnapshotId>,
+    pub snapshot: Option<String>,
+    pub updates: Vec<String>,
+    pub chain: Option<Vec<ProofEntry>>,
+}
+
+/// What persistence answered to a submission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Submitted {
+    Accepted { sequence: u64 },
+    Rejected { reason: Reason, sequence: u64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubmitKind {
+    Snapshot,
+    Update,
+}
+
+/// Identifies one client frame, so a retried submission returns its first result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestId {
+    pub gateway: String,
+    pub connection: u64,
+    pub frame: u64,
+}
+
+/// An accepted message read back for gap repair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub sequence: u64,
+    pub kind: SubmitKind,
+    pub body: String,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn load(
+        &self,
+        doc: &DocumentId,
+        request: &LoadRequest,
+        create: bool,
+    ) -> Result<Loaded, StoreError>;
+
+    async fn submit(
+        &self,
+        doc: &DocumentId,
+        kind: SubmitKind,
+        body: &str,
+        request_id: &RequestId,
+    ) -> Result<Submitted, StoreError>;
+
+    /// Accepted messages after `after`, in order, at most `limit`.
+    async fn events_after(
+        &self,
+        doc: &DocumentId,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<Event>, StoreError>;
+
+    /// Head sequence numbers (0 for unknown documents).
+    async fn heads(&self, docs: &[DocumentId]) -> Result<Vec<(DocumentId, u64)>, StoreError>;
+
+    /// Whether persistence answers now (readiness).
+    async fn ready(&self) -> bool;
+}
