@@ -39,7 +39,30 @@ ensure_postgres() {
   echo "PostgreSQL did not become ready" >&2
   exit 1
 }
+# NATS with JetStream on 127.0.0.1:4222: started (and stopped at the end) if it is not running,
+# installed from Debian's packages if absent.
+started_nats=""
+ensure_nats() {
+  if (echo >/dev/tcp/127.0.0.1/4222) 2>/dev/null; then return; fi
+  if ! command -v nats-server >/dev/null 2>&1; then
+    log "installing NATS"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null
+  fi
+  log "starting NATS"
+  local store
+  store=$(mktemp -d "${TMPDIR:-/tmp}/secsync-nats.XXXXXX")
+  nohup nats-server -js -a 127.0.0.1 -p 4222 -sd "$store" >"$store/nats.log" 2>&1 </dev/null &
+  started_nats=$!
+  for _ in $(seq 1 100); do
+    (echo >/dev/tcp/127.0.0.1/4222) 2>/dev/null && return
+    sleep 0.1 # polling a server we just started
+  done
+  echo "NATS did not start" >&2
+  exit 1
+}
+
 ensure_postgres
+ensure_nats
 export SECSYNC_TEST_DATABASE_URL="${SECSYNC_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 
 log "rust toolchain"
@@ -52,5 +75,55 @@ cargo fmt --all --check
 log "clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+log "build (release: the tests and the binaries the end-to-end suite starts)"
+cargo build --workspace --release --locked --bins --tests
+
 log "unit, vector, property and integration tests"
 cargo test --workspace --release --locked
+
+log "end-to-end suite with the published JavaScript client"
+if ! command -v node >/dev/null 2>&1; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+fi
+(cd tests/e2e && npm ci --no-audit --no-fund --loglevel=error)
+
+stack=$(mktemp -d "${TMPDIR:-/tmp}/secsync-stack.XXXXXX")
+e2e_db="secsync_e2e_$$"
+cleanup() {
+  tests/stack.sh stop "$stack" || true
+  psql -q -h 127.0.0.1 -U postgres -d postgres -c "DROP DATABASE IF EXISTS $e2e_db WITH (FORCE)" >/dev/null 2>&1 || true
+  if [ -n "$started_nats" ]; then kill "$started_nats" 2>/dev/null || true; fi
+}
+trap cleanup EXIT
+psql -q -h 127.0.0.1 -U postgres -d postgres -c "CREATE DATABASE $e2e_db" >/dev/null
+persistence=$(tests/stack.sh start-persistence "$stack" "postgres://postgres@127.0.0.1:5432/$e2e_db")
+gw0=$(tests/stack.sh start-gateway "$stack" gw0 "$persistence")
+gw1=$(tests/stack.sh start-gateway "$stack" gw1 "$persistence")
+restart0="'$root/tests/stack.sh' restart-gateway '$stack' gw0"
+
+passed=0
+failed=0
+run_suite() {
+  local label=$1 endpoints=$2 out
+  echo "-- target: $label"
+  out=$(mktemp)
+  SECSYNC_E2E_ENDPOINTS="$endpoints" SECSYNC_E2E_RESTART_CMD_0="$restart0" SECSYNC_E2E_FAIL_ON_SKIP=1 \
+    node tests/e2e/run.mjs 2>"$out.err" | tee "$out" || true
+  local line
+  line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$out" | tail -1)
+  if [ -z "$line" ]; then
+    echo "the suite did not finish ($label); its stderr:" >&2
+    tail -50 "$out.err" >&2
+    failed=$((failed + 1))
+    return
+  fi
+  passed=$((passed + ${line%% passed*}))
+  local f=${line##*, }
+  failed=$((failed + ${f%% failed}))
+  if [ "${f%% failed}" != 0 ]; then tail -80 "$out.err" >&2; fi
+}
+run_suite "persistence + one gateway" "$gw0"
+run_suite "persistence + two gateways" "$gw0,$gw1"
+
+echo "e2e: $passed passed, $failed failed"
+[ "$failed" = 0 ]
