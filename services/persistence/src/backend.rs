@@ -146,10 +146,10 @@ pub trait WriteTx: Send {
         rows: &[UpdateRow<'_>],
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
 
-    fn set_head(
+    /// Records the new head of every document the batch changed.
+    fn set_heads(
         &mut self,
-        doc: &DocumentId,
-        head: &DocumentHead,
+        heads: &[(&DocumentId, &DocumentHead)],
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
 
     /// Commits durably: when this returns `Ok`, the rows survive a crash.

@@ -395,8 +395,12 @@ impl<B: Backend> Inner<B> {
         if !update_rows.is_empty() {
             tx.insert_updates(&update_rows).await?;
         }
-        for (doc, head, _) in &new_states {
-            tx.set_head(doc, head).await?;
+        if !new_states.is_empty() {
+            let heads: Vec<(&DocumentId, &DocumentHead)> = new_states
+                .iter()
+                .map(|(doc, head, _)| (*doc, head))
+                .collect();
+            tx.set_heads(&heads).await?;
         }
         tx.commit().await?;
         self.remember_states(new_states);

@@ -367,18 +367,27 @@ impl WriteTx for PgWrite {
         Ok(())
     }
 
-    async fn set_head(
+    async fn set_heads(
         &mut self,
-        doc: &DocumentId,
-        head: &DocumentHead,
+        heads: &[(&DocumentId, &DocumentHead)],
     ) -> Result<(), BackendError> {
-        sqlx::query("UPDATE documents SET head_seq = $2, active_snapshot_id = $3 WHERE id = $1")
-            .bind(doc.as_str())
-            .bind(to_i64(head.head_seq))
-            .bind(head.active_snapshot_id.as_ref().map(SnapshotId::as_str))
-            .execute(&mut *self.0)
-            .await
-            .map_err(map_error)?;
+        let ids: Vec<&str> = heads.iter().map(|(d, _)| d.as_str()).collect();
+        let seqs: Vec<i64> = heads.iter().map(|(_, h)| to_i64(h.head_seq)).collect();
+        let active: Vec<Option<&str>> = heads
+            .iter()
+            .map(|(_, h)| h.active_snapshot_id.as_ref().map(SnapshotId::as_str))
+            .collect();
+        sqlx::query(
+            "UPDATE documents SET head_seq = v.seq, active_snapshot_id = v.active \
+             FROM UNNEST($1::text[], $2::int8[], $3::text[]) AS v(id, seq, active) \
+             WHERE documents.id = v.id",
+        )
+        .bind(&ids)
+        .bind(&seqs)
+        .bind(&active)
+        .execute(&mut *self.0)
+        .await
+        .map_err(map_error)?;
         Ok(())
     }
 

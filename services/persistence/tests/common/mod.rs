@@ -17,6 +17,8 @@ use secsync_protocol::message::build_frame;
 use secsync_protocol::{b64, canonical, crypto, Domain, PublicKey};
 use sqlx::Connection as _;
 
+pub mod process;
+
 /// The server tests create their databases on (trust auth on the machine's Postgres).
 pub fn admin_url() -> String {
     std::env::var("SECSYNC_TEST_DATABASE_URL")

@@ -1,0 +1,317 @@
+//! The persistence service as a real process, over gRPC: two processes on one database, a
+//! database outage (calls fail fast with UNAVAILABLE, the service recovers by itself) and a
+//! database restart during a write loop (no acknowledged update lost).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    clippy::unnecessary_wraps
+)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::process::{Persistence, PrivatePostgres};
+use common::{with_database, Author};
+use secsync_rpc::v1 as pb;
+use secsync_rpc::v1::persistence_client::PersistenceClient;
+use tokio_stream::StreamExt as _;
+use tonic::transport::Channel;
+
+type Client = PersistenceClient<Channel>;
+
+fn request_id(connection: u64, frame: u64) -> Option<pb::RequestId> {
+    Some(pb::RequestId {
+        gateway: "test".into(),
+        connection,
+        frame,
+    })
+}
+
+async fn load(client: &mut Client, doc: &str) -> (pb::LoadHeader, String, Vec<String>) {
+    use pb::load_document_chunk::Part;
+    let mut stream = client
+        .load_document(pb::LoadDocumentRequest {
+            document_id: doc.into(),
+            create: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut header, mut snapshot, mut updates) = (None, String::new(), Vec::new());
+    while let Some(chunk) = stream.next().await {
+        match chunk.unwrap().part.unwrap() {
+            Part::Header(h) => header = Some(h),
+            Part::SnapshotPart(p) => snapshot.push_str(&p),
+            Part::Updates(u) => updates.extend(u.bodies),
+        }
+    }
+    (header.unwrap(), snapshot, updates)
+}
+
+async fn submit(
+    client: &mut Client,
+    doc: &str,
+    snapshot: bool,
+    body: &str,
+    id: Option<pb::RequestId>,
+) -> Result<pb::SubmitResponse, tonic::Status> {
+    let response = if snapshot {
+        client
+            .submit_snapshot(pb::SubmitSnapshotRequest {
+                document_id: doc.into(),
+                body: body.into(),
+                request_id: id,
+            })
+            .await
+    } else {
+        client
+            .submit_update(pb::SubmitUpdateRequest {
+                document_id: doc.into(),
+                body: body.into(),
+                request_id: id,
+            })
+            .await
+    };
+    response.map(tonic::Response::into_inner)
+}
+
+fn accepted(response: &pb::SubmitResponse) -> u64 {
+    match &response.result {
+        Some(pb::submit_response::Result::Accepted(a)) => a.sequence,
+        other => panic!("not accepted: {other:?}"),
+    }
+}
+
+async fn events(client: &mut Client, doc: &str) -> Vec<pb::Event> {
+    let mut stream = client
+        .read_events(pb::ReadEventsRequest {
+            document_id: doc.into(),
+            after_sequence: 0,
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut all = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        all.extend(chunk.unwrap().events);
+    }
+    all
+}
+
+/// Submits until the call succeeds (the gateway's retry policy), within `limit`.
+async fn submit_until_answered(
+    client: &mut Client,
+    doc: &str,
+    body: &str,
+    id: Option<pb::RequestId>,
+    limit: Duration,
+) -> pb::SubmitResponse {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match submit(client, doc, false, body, id.clone()).await {
+            Ok(response) => return response,
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+                assert!(tokio::time::Instant::now() < deadline, "never recovered");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_share_one_database() {
+    with_database(|url| async move {
+        let (one, two) = (Persistence::start(&url), Persistence::start(&url));
+        let (mut c1, mut c2) = (one.client(), two.client());
+        let (header, _, _) = load(&mut c1, "shared").await;
+        assert!(header.found);
+        let snapshot = Author::new(99).snapshot("shared", "S1", None, &[]);
+        assert_eq!(
+            accepted(
+                &submit(&mut c1, "shared", true, &snapshot.body, None)
+                    .await
+                    .unwrap()
+            ),
+            1
+        );
+
+        let mut tasks = Vec::new();
+        for writer in 0..10u8 {
+            let mut client = if writer % 2 == 0 {
+                c1.clone()
+            } else {
+                c2.clone()
+            };
+            tasks.push(tokio::spawn(async move {
+                let author = Author::new(writer + 1);
+                for clock in 0..20 {
+                    let body = author.update("shared", "S1", clock);
+                    let id = request_id(u64::from(writer), clock);
+                    accepted(
+                        &submit(&mut client, "shared", false, &body, id)
+                            .await
+                            .unwrap(),
+                    );
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let all = events(&mut c2, "shared").await;
+        assert_eq!(
+            all.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+            (1..=201).collect::<Vec<_>>()
+        );
+        let (header, body, updates) = load(&mut c2, "shared").await;
+        assert_eq!((header.sequence, updates.len()), (201, 200));
+        assert_eq!(body.len() as u64, header.snapshot_len);
+        // A retry through the other process returns the first result.
+        let again = Author::new(1).update("shared", "S1", 0);
+        let first = all
+            .iter()
+            .find(|e| e.body.contains(&Author::new(1).pub_key) && e.body.contains("\"clock\":0"))
+            .unwrap();
+        assert_eq!(
+            accepted(
+                &submit(&mut c2, "shared", false, &again, request_id(0, 0))
+                    .await
+                    .unwrap()
+            ),
+            first.sequence
+        );
+
+        // A malformed request is INVALID_ARGUMENT with a reason, not a crash.
+        let status = submit(&mut c1, "shared", false, "not a frame", None)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(
+            status.message().contains("not-json"),
+            "{}",
+            status.message()
+        );
+        let status = submit(&mut c1, "", false, &snapshot.body, None)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+
+        let mut health = tonic_health::pb::health_client::HealthClient::new(
+            Channel::from_shared(one.url.clone())
+                .unwrap()
+                .connect_lazy(),
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: "secsync.persistence.v1.Persistence".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .status;
+            if status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never reported SERVING"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_and_restart_lose_nothing() {
+    let pg = PrivatePostgres::start();
+    let service = Persistence::start(&pg.url("postgres"));
+    let mut client = service.client();
+    load(&mut client, "d").await;
+    let author = Author::new(1);
+    let snapshot = author.snapshot("d", "S1", None, &[]);
+    accepted(
+        &submit(&mut client, "d", true, &snapshot.body, None)
+            .await
+            .unwrap(),
+    );
+    let mut clock = 0;
+    let mut acknowledged = Vec::new();
+    for _ in 0..5 {
+        let body = author.update("d", "S1", clock);
+        let response = submit(&mut client, "d", false, &body, request_id(1, clock))
+            .await
+            .unwrap();
+        acknowledged.push((accepted(&response), body));
+        clock += 1;
+    }
+
+    // Down: calls fail with UNAVAILABLE instead of hanging.
+    pg.stop();
+    let body = author.update("d", "S1", clock);
+    let status = tokio::time::timeout(
+        Duration::from_secs(20),
+        submit(&mut client, "d", false, &body, request_id(1, clock)),
+    )
+    .await
+    .expect("a call while the database is down must fail, not hang")
+    .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+
+    // Back: the same service answers again, the retried update goes in once.
+    pg.start_again();
+    let response = submit_until_answered(
+        &mut client,
+        "d",
+        &body,
+        request_id(1, clock),
+        Duration::from_mins(1),
+    )
+    .await;
+    acknowledged.push((accepted(&response), body));
+    clock += 1;
+
+    // A restart in the middle of a write loop: every acknowledged update survives.
+    for i in 0..60 {
+        if i == 20 {
+            pg.stop();
+            pg.start_again();
+        }
+        let body = author.update("d", "S1", clock);
+        let response = submit_until_answered(
+            &mut client,
+            "d",
+            &body,
+            request_id(1, clock),
+            Duration::from_mins(1),
+        )
+        .await;
+        acknowledged.push((accepted(&response), body));
+        clock += 1;
+    }
+
+    let stored = events(&mut client, "d").await;
+    assert_eq!(stored.len(), acknowledged.len() + 1);
+    for (sequence, body) in &acknowledged {
+        let event = stored
+            .iter()
+            .find(|e| e.sequence == *sequence)
+            .expect("acknowledged update stored");
+        let expected =
+            secsync_protocol::parse_client_frame(body, secsync_protocol::ParseOptions::default())
+                .unwrap();
+        assert_eq!(&event.body, expected.signed().body());
+    }
+    assert_eq!(
+        stored.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        (1..=stored.len() as u64).collect::<Vec<_>>()
+    );
+}
