@@ -1,0 +1,423 @@
+//! Test support for the gateway: the persistence service in-process on a fresh database, real
+//! `secsync-gateway` processes, a private NATS server for tests that restart it, and a raw
+//! WebSocket client that speaks frames.
+
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::disallowed_methods,
+    clippy::missing_panics_doc
+)]
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use futures::{SinkExt as _, StreamExt as _};
+use secsync_persistence::postgres::{PgBackend, PgSettings};
+use secsync_persistence::CoreOptions;
+use secsync_protocol::{parse_server_frame, ServerFrame};
+use sqlx::Connection as _;
+use tokio_tungstenite::tungstenite::Message;
+
+pub const WAIT: Duration = Duration::from_secs(15);
+
+pub fn admin_url() -> String {
+    std::env::var("SECSYNC_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+pub fn nats_url() -> String {
+    std::env::var("SECSYNC_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// A fresh database and the persistence service on it (in-process, on a loopback port). The
+/// database is dropped when this is dropped.
+pub struct Persistence {
+    pub url: String,
+    pub db: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Persistence {
+    pub async fn start() -> Self {
+        let db = format!(
+            "secsync_gw_{}_{}",
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        let mut admin = sqlx::PgConnection::connect(&admin_url()).await.unwrap();
+        sqlx::query(&format!("CREATE DATABASE {db}"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let base = admin_url().rsplit_once('/').unwrap().0.to_owned();
+        let db_url = format!("{base}/{db}");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        // Its own runtime on its own thread: it must outlive test runtimes' quirks and keep
+        // serving while the test blocks.
+        let server = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                listener.set_nonblocking(true).unwrap();
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let backend = PgBackend::connect_lazy(&db_url, &PgSettings::default()).unwrap();
+                let _ = secsync_persistence::grpc::serve(
+                    listener,
+                    backend,
+                    CoreOptions::default(),
+                    64 * 1024 * 1024,
+                    async {
+                        let _ = stopped.await;
+                    },
+                )
+                .await;
+            });
+        });
+        Self {
+            url: format!("http://{addr}"),
+            db,
+            stop: Some(stop),
+            server: Some(server),
+        }
+    }
+}
+
+impl Drop for Persistence {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = server.join();
+        }
+        let db = self.db.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url()).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+                        .execute(&mut admin)
+                        .await;
+                }
+            });
+        })
+        .join()
+        .unwrap();
+    }
+}
+
+/// A `secsync-gateway` process, killed on drop.
+pub struct Gateway {
+    child: Child,
+    pub port: u16,
+    args: Vec<String>,
+}
+
+impl Gateway {
+    pub fn start(persistence: &str, nats: &str, extra: &[&str]) -> Self {
+        Self::start_on(persistence, nats, extra, 0)
+    }
+
+    pub fn start_on(persistence: &str, nats: &str, extra: &[&str], port: u16) -> Self {
+        let mut args: Vec<String> = vec![
+            "--persistence".into(),
+            persistence.into(),
+            "--nats".into(),
+            nats.into(),
+            "--auth".into(),
+            "open".into(),
+            "--head-check-seconds".into(),
+            "1".into(),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_secsync-gateway"))
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(&args)
+            .env("SECSYNC_LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start secsync-gateway");
+        let port = read_port(child.stdout.take().unwrap());
+        Self { child, port, args }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}", self.port)
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn ready(&self) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if http_status(self.port, "/readyz").await == Some(200) {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "gateway not ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        self.child.wait().unwrap()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn read_port(stdout: std::process::ChildStdout) -> u16 {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if !sent {
+                if let Some(start) = line.find("\"listen\":\"127.0.0.1:") {
+                    let rest = &line[start + "\"listen\":\"127.0.0.1:".len()..];
+                    if let Some(port) = rest.split('"').next().and_then(|p| p.parse::<u16>().ok()) {
+                        let _ = tx.send(port);
+                        sent = true;
+                    }
+                }
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("listening address in the log")
+}
+
+/// A plain HTTP GET status (health endpoints).
+pub async fn http_status(port: u16, path: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    let text = String::from_utf8_lossy(&response);
+    text.split(' ').nth(1)?.parse().ok()
+}
+
+/// A private NATS server on a free port (for tests that stop it), killed on drop.
+pub struct PrivateNats {
+    child: Option<Child>,
+    pub port: u16,
+}
+
+impl PrivateNats {
+    pub fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut nats = Self { child: None, port };
+        nats.start_again();
+        nats
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn start_again(&mut self) {
+        let child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A raw WebSocket connection to a document.
+pub struct Ws {
+    stream: WsStream,
+    /// Close code received, if the server closed.
+    pub closed: Option<u16>,
+}
+
+impl Ws {
+    /// Connects to `{base}/{doc}?sessionKey=k&{extra}`; the caller reads the first frame.
+    pub async fn connect(base: &str, doc: &str, extra: &str) -> Self {
+        let url = format!("{base}/{doc}?sessionKey=k{extra}");
+        let (stream, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("connect");
+        Self {
+            stream,
+            closed: None,
+        }
+    }
+
+    /// Connects and expects a `document` frame first.
+    pub async fn open(base: &str, doc: &str) -> (Self, ServerFrame) {
+        let mut ws = Self::connect(base, doc, "").await;
+        let first = ws.next().await.expect("first frame");
+        assert!(matches!(first, ServerFrame::Document { .. }), "{first:?}");
+        (ws, first)
+    }
+
+    pub async fn send(&mut self, text: &str) {
+        self.stream.send(Message::text(text)).await.expect("send");
+    }
+
+    pub async fn send_binary(&mut self, bytes: Vec<u8>) {
+        self.stream
+            .send(Message::binary(bytes))
+            .await
+            .expect("send");
+    }
+
+    /// The next text frame within [`WAIT`]; `None` when the connection closed.
+    pub async fn next(&mut self) -> Option<ServerFrame> {
+        self.next_text()
+            .await
+            .map(|t| parse_server_frame(&t).expect("server frame"))
+    }
+
+    pub async fn next_text(&mut self) -> Option<String> {
+        loop {
+            let message = tokio::time::timeout(WAIT, self.stream.next())
+                .await
+                .expect("timed out waiting for a frame");
+            match message {
+                Some(Ok(Message::Text(text))) => return Some(text.to_string()),
+                Some(Ok(Message::Close(frame))) => {
+                    self.closed = Some(frame.map_or(1005, |f| u16::from(f.code)));
+                    return None;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+
+    /// Waits for the server to close; returns its close code.
+    pub async fn closed(&mut self) -> Option<u16> {
+        while self.next_text().await.is_some() {}
+        self.closed
+    }
+}
+
+/// Signed frames made with a real key (the Rust client library builds these for real use).
+pub struct Signer {
+    pub key: ed25519_dalek::SigningKey,
+    pub pub_key: String,
+}
+
+impl Signer {
+    pub fn new(seed: u8) -> Self {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+        let pub_key = secsync_protocol::PublicKey::from_bytes(key.verifying_key().to_bytes())
+            .as_str()
+            .to_owned();
+        Self { key, pub_key }
+    }
+
+    fn sign(&self, domain: secsync_protocol::Domain, public_data: &str, n: u64) -> String {
+        use secsync_protocol::b64;
+        let ciphertext = b64::encode(format!("{n:060}-opaque-ciphertext"));
+        let nonce = b64::encode([(n % 251) as u8; 24]);
+        secsync_protocol::message::build_frame(domain, &ciphertext, &nonce, public_data, &self.key)
+            .unwrap()
+    }
+
+    /// A document's first snapshot.
+    pub fn first_snapshot(&self, doc: &str, id: &str) -> String {
+        let pd = format!(
+            r#"{{"snapshotId":"{id}","docId":"{doc}","pubKey":"{}","parentSnapshotId":"","parentSnapshotUpdateClocks":{{}},"parentSnapshotProof":"{}"}}"#,
+            self.pub_key,
+            secsync_protocol::crypto::INITIAL_PARENT_SNAPSHOT_PROOF
+        );
+        self.sign(secsync_protocol::Domain::Snapshot, &pd, 0)
+    }
+
+    pub fn update(&self, doc: &str, snapshot: &str, clock: u64) -> String {
+        let pd = format!(
+            r#"{{"refSnapshotId":"{snapshot}","docId":"{doc}","pubKey":"{}","clock":{clock}}}"#,
+            self.pub_key
+        );
+        self.sign(secsync_protocol::Domain::Update, &pd, clock)
+    }
+
+    pub fn ephemeral(&self, doc: &str, n: u64) -> String {
+        let pd = format!(r#"{{"docId":"{doc}","pubKey":"{}"}}"#, self.pub_key);
+        self.sign(secsync_protocol::Domain::EphemeralMessage, &pd, n)
+    }
+}
+
+/// A fresh document id.
+pub fn doc_id(prefix: &str) -> String {
+    format!("{prefix}-{:016x}", rand::random::<u64>())
+}
+
+/// The clock of a relayed update frame.
+pub fn update_clock(frame: &ServerFrame) -> Option<(String, u64)> {
+    let ServerFrame::Update(text) = frame else {
+        return None;
+    };
+    match secsync_protocol::parse_client_frame(text, secsync_protocol::ParseOptions::default()) {
+        Ok(secsync_protocol::ClientFrame::Update(u)) => {
+            Some((u.signed.pub_key().as_str().to_owned(), u.clock.get()))
+        }
+        _ => None,
+    }
+}

@@ -1,0 +1,301 @@
+//! The gateway as a real process against persistence and NATS: health, the opening sequence,
+//! bad input, ordered fan-out across two gateways, gateway crashes, NATS restarts, joiners during
+//! writes, and the drain.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
+
+mod common;
+
+use common::{
+    doc_id, http_status, nats_url, update_clock, Gateway, Persistence, PrivateNats, Signer, Ws,
+};
+use secsync_protocol::ServerFrame;
+
+/// Opens a document and makes its first snapshot through `ws`.
+async fn with_snapshot(ws: &mut Ws, signer: &Signer, doc: &str) {
+    ws.send(&signer.first_snapshot(doc, "S1")).await;
+    assert!(matches!(
+        ws.next().await,
+        Some(ServerFrame::SnapshotSaved(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_opening_sequence_and_bad_input() {
+    let persistence = Persistence::start().await;
+    let gateway = Gateway::start(
+        &persistence.url,
+        &nats_url(),
+        &["--max-frame-bytes", "65536"],
+    );
+    gateway.ready().await;
+    assert_eq!(http_status(gateway.port, "/healthz").await, Some(200));
+    assert_eq!(http_status(gateway.port, "/readyz").await, Some(200));
+
+    // No session key: document-error, then close.
+    let doc = doc_id("bad");
+    let url = format!("ws://127.0.0.1:{}/{doc}?mode=complete", gateway.port);
+    let (mut raw, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let first = futures::StreamExt::next(&mut raw).await.unwrap().unwrap();
+    assert_eq!(
+        first.into_text().unwrap().as_str(),
+        r#"{"type":"document-error"}"#
+    );
+
+    let signer = Signer::new(1);
+    let (mut listener, _) = Ws::open(&gateway.url(), &doc).await;
+    let (mut sender, _) = Ws::open(&gateway.url(), &doc).await;
+    with_snapshot(&mut sender, &signer, &doc).await;
+    assert!(matches!(
+        listener.next().await,
+        Some(ServerFrame::Snapshot(_))
+    ));
+
+    let invalid = |reason: &str| ServerFrame::InvalidMessage(reason.into());
+    sender.send("not json").await;
+    assert_eq!(sender.next().await, Some(invalid("not-json")));
+    sender.send("[1,2]").await;
+    assert_eq!(sender.next().await, Some(invalid("not-object")));
+    sender.send_binary(b"{}".to_vec()).await;
+    assert_eq!(sender.next().await, Some(invalid("binary-frame")));
+    sender.send(r#"{"publicData":5}"#).await;
+    assert_eq!(sender.next().await, Some(invalid("bad-shape")));
+    // Update-shaped with a wrong clock type: update-save-failed.
+    sender
+        .send(r#"{"nonce":"x","ciphertext":"y","signature":"z","publicData":{"refSnapshotId":"S1","docId":"d","pubKey":"k","clock":"0"}}"#)
+        .await;
+    assert!(matches!(
+        sender.next().await,
+        Some(ServerFrame::UpdateSaveFailed { .. })
+    ));
+    // A correctly signed update and ephemeral message for another document.
+    let other = doc_id("other");
+    sender.send(&signer.update(&other, "S1", 0)).await;
+    assert!(matches!(
+        sender.next().await,
+        Some(ServerFrame::UpdateSaveFailed { .. })
+    ));
+    sender.send(&signer.ephemeral(&other, 1)).await;
+    assert_eq!(sender.next().await, Some(invalid("wrong-document")));
+    // A bad signature: the right shape signed by another key.
+    let forged = Signer::new(2)
+        .update(&doc, "S1", 0)
+        .replace(&Signer::new(2).pub_key, &signer.pub_key);
+    sender.send(&forged).await;
+    assert!(matches!(
+        sender.next().await,
+        Some(ServerFrame::UpdateSaveFailed { .. })
+    ));
+    // A snapshot whose parent is not active: refused with recovery data.
+    sender.send(&signer.first_snapshot(&doc, "S2")).await;
+    assert!(matches!(
+        sender.next().await,
+        Some(ServerFrame::SnapshotSaveFailed { .. })
+    ));
+
+    // Oversized: closed with 1009, nobody else disturbed.
+    let (mut big, _) = Ws::open(&gateway.url(), &doc).await;
+    big.send(&"x".repeat(70_000)).await;
+    assert_eq!(big.closed().await, Some(1009));
+
+    // Barrier: the next thing the listener sees is the first valid update, nothing before it.
+    sender.send(&signer.update(&doc, "S1", 0)).await;
+    assert!(matches!(
+        sender.next().await,
+        Some(ServerFrame::UpdateSaved { .. })
+    ));
+    let next = listener.next().await.unwrap();
+    assert_eq!(update_clock(&next), Some((signer.pub_key.clone(), 0)));
+}
+
+/// Clients of one document on two gateways: every client gets every update once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_deliver_everything_once_in_order() {
+    let persistence = Persistence::start().await;
+    let (a, b) = (
+        Gateway::start(&persistence.url, &nats_url(), &[]),
+        Gateway::start(&persistence.url, &nats_url(), &[]),
+    );
+    a.ready().await;
+    b.ready().await;
+    let doc = doc_id("fanout");
+    let signers: Vec<Signer> = (1..=4).map(Signer::new).collect();
+    let (mut first, _) = Ws::open(&a.url(), &doc).await;
+    with_snapshot(&mut first, &signers[0], &doc).await;
+    let mut readers = Vec::new();
+    for i in 0..4 {
+        let base = if i % 2 == 0 { a.url() } else { b.url() };
+        readers.push(Ws::open(&base, &doc).await.0);
+    }
+    // Four writers, two per gateway, 25 updates each, interleaved.
+    let mut writers = Vec::new();
+    for (i, signer) in signers.into_iter().enumerate() {
+        let base = if i % 2 == 0 { a.url() } else { b.url() };
+        let doc = doc.clone();
+        writers.push(tokio::spawn(async move {
+            let (mut ws, _) = Ws::open(&base, &doc).await;
+            for clock in 0..25 {
+                ws.send(&signer.update(&doc, "S1", clock)).await;
+                loop {
+                    match ws.next().await.unwrap() {
+                        ServerFrame::UpdateSaved { .. } => break,
+                        ServerFrame::Update(_) => {}
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+            }
+            signer.pub_key
+        }));
+    }
+    let mut authors = Vec::new();
+    for w in writers {
+        authors.push(w.await.unwrap());
+    }
+    for reader in &mut readers {
+        let mut clocks: std::collections::HashMap<String, Vec<u64>> =
+            std::collections::HashMap::new();
+        for _ in 0..100 {
+            let frame = reader.next().await.unwrap();
+            let (author, clock) = update_clock(&frame).unwrap_or_else(|| panic!("{frame:?}"));
+            clocks.entry(author).or_default().push(clock);
+        }
+        for author in &authors {
+            assert_eq!(clocks[author], (0..25).collect::<Vec<_>>());
+        }
+    }
+}
+
+/// A gateway killed with SIGKILL while clients write: every acknowledged update reaches every
+/// surviving client, with no gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_killed_while_writing_loses_no_acknowledged_update() {
+    let persistence = Persistence::start().await;
+    let mut doomed = Gateway::start(&persistence.url, &nats_url(), &[]);
+    let survivor = Gateway::start(&persistence.url, &nats_url(), &[]);
+    doomed.ready().await;
+    survivor.ready().await;
+    let doc = doc_id("kill");
+    let signer = Signer::new(1);
+    let (mut writer, _) = Ws::open(&doomed.url(), &doc).await;
+    with_snapshot(&mut writer, &signer, &doc).await;
+    let (mut reader, _) = Ws::open(&survivor.url(), &doc).await;
+    let mut acknowledged = 0;
+    for clock in 0..40 {
+        if clock == 20 {
+            doomed.kill9();
+        }
+        writer.send(&signer.update(&doc, "S1", clock)).await;
+        match writer.next().await {
+            Some(ServerFrame::UpdateSaved { .. }) => acknowledged += 1,
+            None => break,
+            Some(other) => panic!("{other:?}"),
+        }
+    }
+    assert!(acknowledged >= 20);
+    for clock in 0..acknowledged {
+        let frame = reader.next().await.unwrap();
+        assert_eq!(update_clock(&frame), Some((signer.pub_key.clone(), clock)));
+    }
+}
+
+/// NATS restarted while a client writes: after it returns, the other gateway's client has
+/// every update, in order, with no gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_leaves_no_gap() {
+    let persistence = Persistence::start().await;
+    let mut nats = PrivateNats::start();
+    let (a, b) = (
+        Gateway::start(&persistence.url, &nats.url(), &[]),
+        Gateway::start(&persistence.url, &nats.url(), &[]),
+    );
+    a.ready().await;
+    b.ready().await;
+    let doc = doc_id("nats");
+    let signer = Signer::new(1);
+    let (mut writer, _) = Ws::open(&a.url(), &doc).await;
+    with_snapshot(&mut writer, &signer, &doc).await;
+    let (mut reader, _) = Ws::open(&b.url(), &doc).await;
+    for clock in 0..60 {
+        if clock == 20 {
+            nats.stop();
+        }
+        if clock == 40 {
+            nats.start_again();
+        }
+        writer.send(&signer.update(&doc, "S1", clock)).await;
+        assert!(matches!(
+            writer.next().await,
+            Some(ServerFrame::UpdateSaved { .. })
+        ));
+    }
+    for clock in 0..60 {
+        let frame = reader.next().await.unwrap();
+        assert_eq!(update_clock(&frame), Some((signer.pub_key.clone(), clock)));
+    }
+}
+
+/// Joiners arriving while another client writes: each gets every update exactly once, from
+/// its load or live, with no gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joiners_during_writes_miss_nothing() {
+    let persistence = Persistence::start().await;
+    let (a, b) = (
+        Gateway::start(&persistence.url, &nats_url(), &[]),
+        Gateway::start(&persistence.url, &nats_url(), &[]),
+    );
+    a.ready().await;
+    b.ready().await;
+    let doc = doc_id("join");
+    let signer = Signer::new(1);
+    let (mut writer, _) = Ws::open(&a.url(), &doc).await;
+    with_snapshot(&mut writer, &signer, &doc).await;
+    let total = 120;
+    let write = {
+        let doc = doc.clone();
+        tokio::spawn(async move {
+            for clock in 0..total {
+                writer.send(&signer.update(&doc, "S1", clock)).await;
+                assert!(matches!(
+                    writer.next().await,
+                    Some(ServerFrame::UpdateSaved { .. })
+                ));
+            }
+            signer.pub_key
+        })
+    };
+    let mut joiners = Vec::new();
+    for i in 0..12 {
+        let base = if i % 2 == 0 { b.url() } else { a.url() };
+        joiners.push(Ws::open(&base, &doc).await);
+    }
+    let author = write.await.unwrap();
+    for (mut ws, first) in joiners {
+        let ServerFrame::Document { updates, .. } = first else {
+            unreachable!()
+        };
+        let mut clocks: Vec<u64> = updates
+            .iter()
+            .map(|u| update_clock(&ServerFrame::Update(u.clone())).unwrap().1)
+            .collect();
+        while clocks.len() < total as usize {
+            let frame = ws.next().await.unwrap();
+            let (who, clock) = update_clock(&frame).unwrap();
+            assert_eq!(who, author);
+            clocks.push(clock);
+        }
+        assert_eq!(clocks, (0..total).collect::<Vec<_>>());
+    }
+}
+
+/// SIGTERM: clients are closed with 1012 ("service restart") and the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_exits_cleanly() {
+    let persistence = Persistence::start().await;
+    let mut gateway = Gateway::start(&persistence.url, &nats_url(), &["--drain-seconds", "5"]);
+    gateway.ready().await;
+    let doc = doc_id("drain");
+    let (mut ws, _) = Ws::open(&gateway.url(), &doc).await;
+    let status = gateway.terminate();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(ws.closed().await, Some(1012));
+}
