@@ -19,47 +19,7 @@ fi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}"
 export CARGO_TERM_COLOR=never
 
-# PostgreSQL on 127.0.0.1:5432 with trust auth for the local test user: started if it is not
-# running, installed from Debian's packages if it is absent.
-ensure_postgres() {
-  if pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then return; fi
-  if ! command -v pg_ctlcluster >/dev/null 2>&1; then
-    log "installing PostgreSQL"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
-    local hba
-    hba=$(ls /etc/postgresql/*/main/pg_hba.conf | head -1)
-    sed -i 's/^\(host.*127.0.0.1\/32\s*\)\S*$/\1trust/; s/^\(local\s*all\s*all\s*\)\S*$/\1trust/' "$hba"
-  fi
-  log "starting PostgreSQL"
-  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
-  for _ in $(seq 1 60); do
-    pg_isready -q -h 127.0.0.1 -p 5432 && return
-    sleep 0.5 # polling a server we just started; there is no event to wait on
-  done
-  echo "PostgreSQL did not become ready" >&2
-  exit 1
-}
-# NATS with JetStream on 127.0.0.1:4222: started (and stopped at the end) if it is not running,
-# installed from Debian's packages if absent.
-started_nats=""
-ensure_nats() {
-  if (echo >/dev/tcp/127.0.0.1/4222) 2>/dev/null; then return; fi
-  if ! command -v nats-server >/dev/null 2>&1; then
-    log "installing NATS"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null
-  fi
-  log "starting NATS"
-  local store
-  store=$(mktemp -d "${TMPDIR:-/tmp}/secsync-nats.XXXXXX")
-  nohup nats-server -js -a 127.0.0.1 -p 4222 -sd "$store" >"$store/nats.log" 2>&1 </dev/null &
-  started_nats=$!
-  for _ in $(seq 1 100); do
-    (echo >/dev/tcp/127.0.0.1/4222) 2>/dev/null && return
-    sleep 0.1 # polling a server we just started
-  done
-  echo "NATS did not start" >&2
-  exit 1
-}
+source scripts/services.sh
 
 ensure_postgres
 ensure_nats
@@ -81,7 +41,7 @@ cargo build --workspace --release --locked --bins --tests
 log "unit, vector, property and integration tests"
 cargo test --workspace --release --locked
 
-log "end-to-end suite with the published JavaScript client"
+log "starting the stack for the end-to-end tests"
 if ! command -v node >/dev/null 2>&1; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
 fi
@@ -122,6 +82,10 @@ run_suite() {
   failed=$((failed + ${f%% failed}))
   if [ "${f%% failed}" != 0 ]; then tail -80 "$out.err" >&2; fi
 }
+log "Rust client against the gateway"
+SECSYNC_CLIENT_TEST_ENDPOINT="$gw1" cargo test -p secsync-client --release --locked --test reference -- --ignored
+
+log "end-to-end suite with the published JavaScript client"
 run_suite "persistence + one gateway" "$gw0"
 run_suite "persistence + two gateways" "$gw0,$gw1"
 
