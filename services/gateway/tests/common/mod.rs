@@ -38,6 +38,8 @@ pub fn nats_url() -> String {
 pub struct Persistence {
     pub url: String,
     pub db: String,
+    db_url: String,
+    addr: std::net::SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<std::thread::JoinHandle<()>>,
 }
@@ -58,9 +60,39 @@ impl Persistence {
         let db_url = format!("{base}/{db}");
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
+        let mut persistence = Self {
+            url: format!("http://{addr}"),
+            db,
+            db_url,
+            addr,
+            stop: None,
+            server: None,
+        };
+        persistence.serve(listener);
+        persistence
+    }
+
+    /// Stops serving (connections are refused) until [`Persistence::start_again`].
+    pub fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = server.join();
+        }
+    }
+
+    /// Serves again on the same address.
+    pub fn start_again(&mut self) {
+        let listener = std::net::TcpListener::bind(self.addr).unwrap();
+        self.serve(listener);
+    }
+
+    fn serve(&mut self, listener: std::net::TcpListener) {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        // Its own runtime on its own thread: it must outlive test runtimes' quirks and keep
-        // serving while the test blocks.
+        let db_url = self.db_url.clone();
+        // Its own runtime on its own thread, so it keeps serving while a test blocks and can be
+        // stopped and started again.
         let server = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -83,23 +115,14 @@ impl Persistence {
                 .await;
             });
         });
-        Self {
-            url: format!("http://{addr}"),
-            db,
-            stop: Some(stop),
-            server: Some(server),
-        }
+        self.stop = Some(stop);
+        self.server = Some(server);
     }
 }
 
 impl Drop for Persistence {
     fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(server) = self.server.take() {
-            let _ = server.join();
-        }
+        self.stop();
         let db = self.db.clone();
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -373,8 +396,18 @@ impl Signer {
     }
 
     fn sign(&self, domain: secsync_protocol::Domain, public_data: &str, n: u64) -> String {
+        self.sign_sized(domain, public_data, n, 0)
+    }
+
+    fn sign_sized(
+        &self,
+        domain: secsync_protocol::Domain,
+        public_data: &str,
+        n: u64,
+        padding: usize,
+    ) -> String {
         use secsync_protocol::b64;
-        let ciphertext = b64::encode(format!("{n:060}-opaque-ciphertext"));
+        let ciphertext = b64::encode(format!("{n:060}-opaque-ciphertext{}", "p".repeat(padding)));
         let nonce = b64::encode([(n % 251) as u8; 24]);
         secsync_protocol::message::build_frame(domain, &ciphertext, &nonce, public_data, &self.key)
             .unwrap()
@@ -396,6 +429,15 @@ impl Signer {
             self.pub_key
         );
         self.sign(secsync_protocol::Domain::Update, &pd, clock)
+    }
+
+    /// An update whose ciphertext is about `bytes` long.
+    pub fn large_update(&self, doc: &str, snapshot: &str, clock: u64, bytes: usize) -> String {
+        let pd = format!(
+            r#"{{"refSnapshotId":"{snapshot}","docId":"{doc}","pubKey":"{}","clock":{clock}}}"#,
+            self.pub_key
+        );
+        self.sign_sized(secsync_protocol::Domain::Update, &pd, clock, bytes * 3 / 4)
     }
 
     pub fn ephemeral(&self, doc: &str, n: u64) -> String {
