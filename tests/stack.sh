@@ -76,6 +76,7 @@ start_gateway() {
 case "$cmd" in
   start-persistence)
     url=${3:?DATABASE_URL required}
+    : >"$dir/persistence.log"
     DATABASE_URL=$url SECSYNC_LOG_FORMAT=json RUST_LOG=${RUST_LOG:-info} nohup "$bin/secsync-persistence" \
       --listen 127.0.0.1:0 >>"$dir/persistence.log" 2>&1 </dev/null &
     echo $! >"$dir/persistence.pid"

@@ -78,6 +78,11 @@ pub struct Config {
     #[arg(long, env = "SECSYNC_PING_SECONDS", default_value_t = 30.0)]
     pub ping_seconds: f64,
 
+    /// Milliseconds live messages wait after a `document` with a snapshot until the client's
+    /// first frame (works around a race in the JavaScript client; 0 disables it).
+    #[arg(long, env = "SECSYNC_FIRST_DELIVERY_HOLD_MS", default_value_t = 500)]
+    pub first_delivery_hold_ms: u64,
+
     /// Accept publicData fields beyond PROTOCOL.md 4 (they are signed and relayed as sent).
     #[arg(long, env = "SECSYNC_ALLOW_EXTRA_PUBLIC_DATA", default_value_t = false)]
     pub allow_extra_public_data: bool,

@@ -23,6 +23,9 @@ pub struct Limits {
     pub send_queue: usize,
     pub write_retry: Duration,
     pub ping_every: Duration,
+    /// Longest wait, after a `document` with a snapshot, before forwarding live messages (see
+    /// `session::Session::run`).
+    pub first_delivery_hold: Duration,
     pub parse_options: ParseOptions,
 }
 
@@ -36,6 +39,7 @@ impl Default for Limits {
             send_queue: 1024,
             write_retry: Duration::from_secs(10),
             ping_every: Duration::from_secs(30),
+            first_delivery_hold: Duration::from_millis(500),
             parse_options: ParseOptions::default(),
         }
     }

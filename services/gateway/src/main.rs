@@ -39,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
         send_queue: config.send_queue,
         write_retry: seconds(config.write_retry_seconds),
         ping_every: seconds(config.ping_seconds).max(Duration::from_secs(1)),
+        first_delivery_hold: Duration::from_millis(config.first_delivery_hold_ms),
         parse_options: ParseOptions {
             allow_extra_public_data_fields: config.allow_extra_public_data,
         },

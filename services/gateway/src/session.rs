@@ -139,6 +139,13 @@ pub async fn run(
 
 type Stream = futures::stream::SplitStream<WebSocket>;
 
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn serve(
     gateway: &Arc<Gateway>,
     request: ConnectRequest,
@@ -183,11 +190,27 @@ async fn serve(
         tokens: f64::from(gateway.limits.rate_burst),
         refilled: Instant::now(),
     };
-    session.run(&mut membership, stream).await
+    // See `Session::run` for why deliveries wait after a document that has a snapshot.
+    let hold = loaded
+        .snapshot
+        .is_some()
+        .then(|| Instant::now() + gateway.limits.first_delivery_hold);
+    session.run(&mut membership, stream, hold).await
 }
 
 impl Session {
-    async fn run(&mut self, membership: &mut Membership, stream: &mut Stream) -> End {
+    /// `hold`: until this instant (or the client's first frame) nothing from the document's
+    /// channel is forwarded. The JavaScript client awaits `getSnapshotKey` before it queues a
+    /// `document` that has a snapshot, while a frame arriving meanwhile is queued at once; an
+    /// update that overtakes the document that way fails the client for good. The client sends
+    /// its ephemeral `initialize` right after that await, so its first frame (or the deadline)
+    /// means the document is queued. Held messages wait in the inbox, nothing is skipped.
+    async fn run(
+        &mut self,
+        membership: &mut Membership,
+        stream: &mut Stream,
+        mut hold: Option<Instant>,
+    ) -> End {
         let ping_every = self.gateway.limits.ping_every;
         let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
         let mut last_seen = Instant::now();
@@ -207,6 +230,7 @@ impl Session {
                             return End::ClientClosed;
                         }
                         Some(Ok(Message::Text(text))) => {
+                            hold = None;
                             self.throttle().await;
                             if let Err(end) = self.handle(text.as_str()).await {
                                 return end;
@@ -220,7 +244,8 @@ impl Session {
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                     }
                 }
-                delivery = membership.inbox.recv() => {
+                () = sleep_until(hold) => hold = None,
+                delivery = membership.inbox.recv(), if hold.is_none() => {
                     let Some(delivery) = delivery else {
                         tracing::info!("slow consumer: disconnecting");
                         return End::Closed(close::TRY_AGAIN_LATER);
