@@ -67,7 +67,7 @@ run_suite() {
   local label=$1 endpoints=$2 out
   echo "-- target: $label"
   out=$(mktemp)
-  SECSYNC_E2E_ENDPOINTS="$endpoints" SECSYNC_E2E_RESTART_CMD_0="$restart0" SECSYNC_E2E_FAIL_ON_SKIP=1 \
+  SECSYNC_E2E_ENDPOINTS="$endpoints" SECSYNC_E2E_RESTART_CMD_0="$restart0" SECSYNC_E2E_FAIL_ON_SKIP=1 SECSYNC_E2E_RUST_PEER="$root/target/release/secsync-yrs-peer" \
     node tests/e2e/run.mjs 2>"$out.err" | tee "$out" || true
   local line
   line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$out" | tail -1)

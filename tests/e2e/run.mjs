@@ -11,6 +11,8 @@
 //   SECSYNC_E2E_RESTART_CMD_<i>      optional shell command that restarts endpoint i and exits 0
 //                                    once it accepts connections again; scenarios needing it
 //                                    are skipped without it
+//   SECSYNC_E2E_RUST_PEER            optional; path of the secsync-yrs-peer binary (the Rust
+//                                    client); scenarios needing it are skipped without it
 //   SECSYNC_E2E_FAIL_ON_SKIP=1       count skipped scenarios as failed
 //   SECSYNC_E2E_VERBOSE=1            print client diagnostics for failures on stderr
 //

@@ -238,6 +238,10 @@ pub enum Error {
     Build(#[from] BuildError),
     #[error("frames are not recorded (set ClientOptions::record_frames)")]
     NotRecording,
+    #[error(
+        "the active snapshot or its update clocks changed since the snapshot's content was taken"
+    )]
+    StaleBasis,
 }
 
 impl From<tungstenite::Error> for Error {
@@ -335,6 +339,15 @@ enum Pending {
 enum Command {
     Send(String),
     Close,
+}
+
+/// What a snapshot's content is known to reflect ([`Client::send_snapshot_on`]).
+#[derive(Clone, Copy)]
+enum Basis<'a> {
+    /// Unknown: send on whatever the state is.
+    Any,
+    /// Exactly this active snapshot and these clocks (`None`: no snapshot yet).
+    Exactly(Option<&'a KnownSnapshot>),
 }
 
 /// Everything the driver and the API share, behind one mutex never held across an await.
@@ -888,6 +901,29 @@ impl Client {
     /// (or as the document's first snapshot) and waits for the reply. Waits first until this
     /// client's updates in flight are answered, so `parentSnapshotUpdateClocks` includes them.
     pub async fn send_snapshot(&self, plaintext: &[u8]) -> Result<SnapshotAck, Error> {
+        self.snapshot_frame(plaintext, Basis::Any).await
+    }
+
+    /// [`Client::send_snapshot`] for content taken from a document that follows this client's
+    /// events: `basis` is the [`ClientState::active`] that `plaintext` reflects. If the active
+    /// snapshot or its clocks differ from it when the frame is built (an update arrived after
+    /// the content was taken), nothing is sent and [`Error::StaleBasis`] is returned: the
+    /// frame's `parentSnapshotUpdateClocks` would claim an update its content lacks, and
+    /// clients loading that snapshot later would never see the update. Take the content again
+    /// once the document caught up, and retry.
+    pub async fn send_snapshot_on(
+        &self,
+        plaintext: &[u8],
+        basis: Option<&KnownSnapshot>,
+    ) -> Result<SnapshotAck, Error> {
+        self.snapshot_frame(plaintext, Basis::Exactly(basis)).await
+    }
+
+    async fn snapshot_frame(
+        &self,
+        plaintext: &[u8],
+        basis: Basis<'_>,
+    ) -> Result<SnapshotAck, Error> {
         let _exclusive = self.gate.write().await;
         self.wait_core(self.options.reply_timeout, "updates in flight", |core| {
             !core
@@ -901,6 +937,11 @@ impl Client {
             core.ensure_open()?;
             let snapshot_id = frames::generate_snapshot_id()?;
             let active = core.sync.active().cloned();
+            // Checked under the same lock as the frame is built with, so no update slips in
+            // between.
+            if matches!(basis, Basis::Exactly(basis) if basis != active.as_ref()) {
+                return Err(Error::StaleBasis);
+            }
             let clocks = active
                 .as_ref()
                 .map(|a| a.update_clocks.clone())

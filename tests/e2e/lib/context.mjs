@@ -1,11 +1,12 @@
-// What a scenario gets: fresh documents, clients and raw connections spread over the
-// endpoints round-robin per document, the optional restart hook, and cleanup of everything
+// What a scenario gets: fresh documents, clients, Rust peers and raw connections spread over
+// the endpoints round-robin per document, the optional restart hook, and cleanup of everything
 // it created.
 
 import { spawn } from "node:child_process";
 import { createClient, resumeClient } from "./client.mjs";
 import { secsync, sodium, sodiumReady } from "./deps.mjs";
 import { openRaw } from "./raw.mjs";
+import { RustPeer, rustPeerBinary } from "./rustpeer.mjs";
 
 export function restartCommand(index) {
   return process.env[`SECSYNC_E2E_RESTART_CMD_${index}`] || null;
@@ -17,6 +18,7 @@ export class ScenarioContext {
     this.scenario = name;
     this.clients = [];
     this.raws = [];
+    this.peers = [];
     this.notes = [];
     this.children = new Set();
     this.closed = false;
@@ -69,6 +71,26 @@ export class ScenarioContext {
     return this.#track(this.raws, conn);
   }
 
+  /** The Rust client (SECSYNC_E2E_RUST_PEER) on this document, connected and loaded; it is
+   * killed after the scenario whatever happens. */
+  async rustPeer(doc, options = {}) {
+    const binary = rustPeerBinary();
+    if (!binary) throw new Error("SECSYNC_E2E_RUST_PEER is not set");
+    // tracked before it connects, so a failed start is cleaned up too
+    const peer = this.#track(
+      this.peers,
+      new RustPeer({
+        ...options,
+        binary,
+        endpoint: options.endpoint ?? this.endpointFor(doc),
+        docId: doc.docId,
+        documentKey: doc.key,
+      }),
+    );
+    await peer.ready();
+    return peer;
+  }
+
   /** Record something worth reporting even when the scenario passes. */
   note(text) {
     this.notes.push(text);
@@ -103,16 +125,20 @@ export class ScenarioContext {
   }
 
   describeAll() {
-    return this.clients.map((c) => c.describe());
+    return [...this.clients, ...this.peers].map((c) => c.describe());
   }
 
-  /** Stop every client and connection; let a running restart command finish (killing it
-   * half-way could leave the endpoint down for all later scenarios), up to `graceMs`. */
+  /** Stop every client and connection and kill every Rust peer; let a running restart command
+   * finish (killing it half-way could leave the endpoint down for all later scenarios), up to
+   * `graceMs`. */
   async cleanup(graceMs = 30000) {
     this.closed = true;
     for (const c of this.clients) c.stop();
     for (const r of this.raws) r.close();
-    const pending = [...this.children].map((child) => new Promise((resolve) => child.once("exit", resolve)));
+    const pending = [
+      ...[...this.children].map((child) => new Promise((resolve) => child.once("exit", resolve))),
+      ...this.peers.map((p) => p.stop()),
+    ];
     if (pending.length > 0) {
       let timer;
       await Promise.race([Promise.all(pending), new Promise((resolve) => (timer = setTimeout(resolve, graceMs)))]);
