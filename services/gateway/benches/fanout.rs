@@ -53,8 +53,11 @@ async fn main() {
     let receivers = arg("--receivers", 20);
     let idle = arg("--idle", 10_000);
     let persistence = Persistence::start().await;
-    let a = Gateway::start(&persistence.url, &nats_url(), &[]);
-    let b = Gateway::start(&persistence.url, &nats_url(), &[]);
+    // The receivers here are raw connections that never send a frame, so the hold that protects
+    // the JavaScript client's first load would delay their first half second.
+    let args = ["--first-delivery-hold-ms", "0"];
+    let a = Gateway::start(&persistence.url, &nats_url(), &args);
+    let b = Gateway::start(&persistence.url, &nats_url(), &args);
     a.ready().await;
     b.ready().await;
 
