@@ -38,7 +38,7 @@ pub struct Config {
     pub batch_max: usize,
 
     /// Transactions in flight at once.
-    #[arg(long, env = "SECSYNC_BATCH_WORKERS", default_value_t = 4)]
+    #[arg(long, env = "SECSYNC_BATCH_WORKERS", default_value_t = 2)]
     pub batch_workers: usize,
 
     /// Log format: `human` or `json`.
