@@ -29,6 +29,9 @@ use secsync_rpc::v1::persistence_client::PersistenceClient;
 use sqlx::Connection as _;
 use tonic::transport::Channel;
 
+/// Updates per writer sent before the clock starts.
+const WARMUP: usize = 20;
+
 struct Args {
     writers: usize,
     docs: usize,
@@ -160,6 +163,39 @@ async fn main() {
             (doc, frames)
         })
         .collect();
+
+    // Warm-up, outside the measurement: the first updates of every writer open the service's
+    // database connections and load each document's state.
+    let mut warm = Vec::new();
+    let writers: Vec<(String, Vec<String>)> = writers
+        .into_iter()
+        .map(|(doc, mut frames)| {
+            let rest = frames.split_off(WARMUP.min(frames.len()));
+            warm.push((doc.clone(), frames));
+            (doc, rest)
+        })
+        .collect();
+    let warming: Vec<_> = warm
+        .into_iter()
+        .map(|(doc, frames)| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                for body in frames {
+                    client
+                        .submit_update(pb::SubmitUpdateRequest {
+                            document_id: doc.clone(),
+                            body,
+                            request_id: None,
+                        })
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in warming {
+        task.await.unwrap();
+    }
 
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let started = Instant::now();
