@@ -18,7 +18,7 @@ psql -q -h 127.0.0.1 -U postgres -d postgres -tc "SELECT 1 FROM pg_database WHER
 stack=$(mktemp -d "${TMPDIR:-/tmp}/secsync-local.XXXXXX")
 stop() {
   tests/stack.sh stop "$stack" || true
-  if [ -n "$started_nats" ]; then kill "$started_nats" 2>/dev/null || true; fi
+  stop_started_services
 }
 trap stop EXIT INT TERM
 persistence=$(tests/stack.sh start-persistence "$stack" "postgres://postgres@127.0.0.1:5432/$db")

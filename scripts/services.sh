@@ -4,6 +4,7 @@
 
 # PostgreSQL on 127.0.0.1:5432 with trust auth for the local test user: started if it is not
 # running, installed from Debian's packages if it is absent.
+started_postgres=""
 ensure_postgres() {
   if pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then return; fi
   if ! command -v pg_ctlcluster >/dev/null 2>&1; then
@@ -15,6 +16,7 @@ ensure_postgres() {
   fi
   log "starting PostgreSQL"
   pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
+  started_postgres=yes
   for _ in $(seq 1 60); do
     pg_isready -q -h 127.0.0.1 -p 5432 && return
     sleep 0.5 # polling a server we just started; there is no event to wait on
@@ -44,3 +46,11 @@ ensure_nats() {
   exit 1
 }
 
+
+# Stops what ensure_postgres / ensure_nats started (nothing that was already running).
+stop_started_services() {
+  if [ -n "$started_nats" ]; then kill "$started_nats" 2>/dev/null || true; fi
+  if [ -n "$started_postgres" ]; then
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main stop || true
+  fi
+}

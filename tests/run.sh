@@ -23,6 +23,7 @@ source scripts/services.sh
 
 ensure_postgres
 ensure_nats
+trap stop_started_services EXIT
 export SECSYNC_TEST_DATABASE_URL="${SECSYNC_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 
 log "rust toolchain"
@@ -52,7 +53,7 @@ e2e_db="secsync_e2e_$$"
 cleanup() {
   tests/stack.sh stop "$stack" || true
   psql -q -h 127.0.0.1 -U postgres -d postgres -c "DROP DATABASE IF EXISTS $e2e_db WITH (FORCE)" >/dev/null 2>&1 || true
-  if [ -n "$started_nats" ]; then kill "$started_nats" 2>/dev/null || true; fi
+  stop_started_services
 }
 trap cleanup EXIT
 psql -q -h 127.0.0.1 -U postgres -d postgres -c "CREATE DATABASE $e2e_db" >/dev/null
