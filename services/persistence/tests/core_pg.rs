@@ -262,11 +262,17 @@ async fn snapshot_rules_and_recovery_loads() {
         let mut wrong = a.snapshot("d", "S2", Some(&s1), &[(&a, 0), (&b, 0)]);
         wrong = {
             let fake_parent = common::Snap {
-                proof: "bogus".into(),
+                info: secsync_protocol::ProofEntry {
+                    parent_snapshot_proof: "bogus".into(),
+                    ..s1.info.clone()
+                },
                 ..s1.clone()
             };
             let w = a.snapshot("d", "S2", Some(&fake_parent), &[(&a, 0), (&b, 0)]);
-            assert_ne!(w.proof, wrong.proof);
+            assert_ne!(
+                w.info.parent_snapshot_proof,
+                wrong.info.parent_snapshot_proof
+            );
             w
         };
         assert_eq!(
@@ -349,11 +355,7 @@ async fn snapshot_rules_and_recovery_loads() {
         assert!(from_s1.snapshot.is_some());
         assert_eq!(from_s1.updates.len(), 3);
         // The chain verifies as the client checks it.
-        let entry = |s: &common::Snap| secsync_protocol::ProofEntry {
-            snapshot_id: SnapshotId::parse(&s.id).unwrap(),
-            parent_snapshot_proof: s.proof.clone(),
-            snapshot_ciphertext_hash: secsync_protocol::crypto::ciphertext_hash(&s.ciphertext),
-        };
+        let entry = |s: &common::Snap| s.info.clone();
         assert!(secsync_protocol::crypto::verify_proof_chain(
             &entry(&s1),
             &entry(&s3),

@@ -380,69 +380,66 @@ impl Ws {
     }
 }
 
-/// Signed frames made with a real key (the Rust client library builds these for real use).
+/// An author with a real signing key and the document key, building frames with the Rust
+/// client library.
 pub struct Signer {
     pub key: ed25519_dalek::SigningKey,
     pub pub_key: String,
+    doc_key: secsync_client::DocumentKey,
 }
 
 impl Signer {
     pub fn new(seed: u8) -> Self {
         let key = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
-        let pub_key = secsync_protocol::PublicKey::from_bytes(key.verifying_key().to_bytes())
+        let pub_key = secsync_client::frames::public_key_of(&key)
             .as_str()
             .to_owned();
-        Self { key, pub_key }
-    }
-
-    fn sign(&self, domain: secsync_protocol::Domain, public_data: &str, n: u64) -> String {
-        self.sign_sized(domain, public_data, n, 0)
-    }
-
-    fn sign_sized(
-        &self,
-        domain: secsync_protocol::Domain,
-        public_data: &str,
-        n: u64,
-        padding: usize,
-    ) -> String {
-        use secsync_protocol::b64;
-        let ciphertext = b64::encode(format!("{n:060}-opaque-ciphertext{}", "p".repeat(padding)));
-        let nonce = b64::encode([(n % 251) as u8; 24]);
-        secsync_protocol::message::build_frame(domain, &ciphertext, &nonce, public_data, &self.key)
-            .unwrap()
+        let doc_key = secsync_client::DocumentKey::from_bytes([7; 32]);
+        Self {
+            key,
+            pub_key,
+            doc_key,
+        }
     }
 
     /// A document's first snapshot.
     pub fn first_snapshot(&self, doc: &str, id: &str) -> String {
-        let pd = format!(
-            r#"{{"snapshotId":"{id}","docId":"{doc}","pubKey":"{}","parentSnapshotId":"","parentSnapshotUpdateClocks":{{}},"parentSnapshotProof":"{}"}}"#,
-            self.pub_key,
-            secsync_protocol::crypto::INITIAL_PARENT_SNAPSHOT_PROOF
-        );
-        self.sign(secsync_protocol::Domain::Snapshot, &pd, 0)
+        let spec = secsync_client::frames::SnapshotSpec {
+            doc_id: &secsync_protocol::DocumentId::parse(doc).unwrap(),
+            snapshot_id: &secsync_protocol::SnapshotId::parse(id).unwrap(),
+            parent: None,
+            parent_snapshot_update_clocks: &std::collections::BTreeMap::new(),
+        };
+        secsync_client::frames::build_snapshot(&spec, b"first snapshot", &self.doc_key, &self.key)
+            .unwrap()
+            .text
     }
 
     pub fn update(&self, doc: &str, snapshot: &str, clock: u64) -> String {
-        let pd = format!(
-            r#"{{"refSnapshotId":"{snapshot}","docId":"{doc}","pubKey":"{}","clock":{clock}}}"#,
-            self.pub_key
-        );
-        self.sign(secsync_protocol::Domain::Update, &pd, clock)
+        self.large_update(doc, snapshot, clock, 16)
     }
 
-    /// An update whose ciphertext is about `bytes` long.
+    /// An update whose plaintext is `bytes` long.
     pub fn large_update(&self, doc: &str, snapshot: &str, clock: u64, bytes: usize) -> String {
-        let pd = format!(
-            r#"{{"refSnapshotId":"{snapshot}","docId":"{doc}","pubKey":"{}","clock":{clock}}}"#,
-            self.pub_key
-        );
-        self.sign_sized(secsync_protocol::Domain::Update, &pd, clock, bytes * 3 / 4)
+        secsync_client::frames::build_update(
+            &secsync_protocol::DocumentId::parse(doc).unwrap(),
+            &secsync_protocol::SnapshotId::parse(snapshot).unwrap(),
+            secsync_protocol::Clock::new(clock).unwrap(),
+            &vec![b'u'; bytes],
+            &self.doc_key,
+            &self.key,
+        )
+        .unwrap()
     }
 
     pub fn ephemeral(&self, doc: &str, n: u64) -> String {
-        let pd = format!(r#"{{"docId":"{doc}","pubKey":"{}"}}"#, self.pub_key);
-        self.sign(secsync_protocol::Domain::EphemeralMessage, &pd, n)
+        secsync_client::frames::build_ephemeral(
+            &secsync_protocol::DocumentId::parse(doc).unwrap(),
+            &n.to_le_bytes(),
+            &self.doc_key,
+            &self.key,
+        )
+        .unwrap()
     }
 }
 

@@ -7,14 +7,15 @@
     clippy::disallowed_methods
 )]
 
+use std::collections::BTreeMap;
 use std::future::Future;
 
 use ed25519_dalek::SigningKey;
 use futures::FutureExt as _;
 use secsync_persistence::postgres::{PgBackend, PgSettings};
-use secsync_protocol::crypto::{parent_snapshot_proof, INITIAL_PARENT_SNAPSHOT_PROOF};
-use secsync_protocol::message::build_frame;
-use secsync_protocol::{b64, canonical, crypto, Domain, PublicKey};
+
+use secsync_client::{frames, DocumentKey};
+use secsync_protocol::{Clock, DocumentId, ProofEntry, SnapshotId};
 use sqlx::Connection as _;
 
 pub mod process;
@@ -78,43 +79,37 @@ pub async fn backend(url: &str) -> PgBackend {
     backend
 }
 
-/// An author with a real Ed25519 key.
+/// An author with a real Ed25519 key, building frames with the Rust client library.
 pub struct Author {
     pub key: SigningKey,
     pub pub_key: String,
 }
 
+/// One document key for every test document (the server never sees it anyway).
+fn document_key() -> DocumentKey {
+    DocumentKey::from_bytes([7; 32])
+}
+
 impl Author {
     pub fn new(seed: u8) -> Self {
         let key = SigningKey::from_bytes(&[seed; 32]);
-        let pub_key = PublicKey::from_bytes(key.verifying_key().to_bytes())
-            .as_str()
-            .to_owned();
+        let pub_key = frames::public_key_of(&key).as_str().to_owned();
         Self { key, pub_key }
     }
 
     pub fn update(&self, doc: &str, snapshot_id: &str, clock: u64) -> String {
-        let pd = format!(
-            r#"{{"refSnapshotId":{},"docId":{},"pubKey":"{}","clock":{clock}}}"#,
-            json_str(snapshot_id),
-            json_str(doc),
-            self.pub_key
-        );
-        let ct = b64::encode(format!(
-            "update {doc} {snapshot_id} {} {clock} ............................................",
-            self.pub_key
-        ));
-        build_frame(
-            Domain::Update,
-            &ct,
-            &b64::encode([clock as u8; 24]),
-            &pd,
+        frames::build_update(
+            &DocumentId::parse(doc).unwrap(),
+            &SnapshotId::parse(snapshot_id).unwrap(),
+            Clock::new(clock).unwrap(),
+            format!("update {clock}").as_bytes(),
+            &document_key(),
             &self.key,
         )
         .unwrap()
     }
 
-    /// A snapshot; `parent` is the parent's (id, parentSnapshotProof, ciphertext) or `None`.
+    /// A snapshot built on `parent` (`None`: the document's first), claiming these clocks.
     pub fn snapshot(
         &self,
         doc: &str,
@@ -122,56 +117,29 @@ impl Author {
         parent: Option<&Snap>,
         clocks: &[(&Author, u64)],
     ) -> Snap {
-        let (parent_id, proof) = match parent {
-            Some(p) => (
-                p.id.clone(),
-                parent_snapshot_proof(&p.proof, &p.id, &crypto::ciphertext_hash(&p.ciphertext)),
-            ),
-            None => (String::new(), INITIAL_PARENT_SNAPSHOT_PROOF.to_owned()),
-        };
-        let clocks: Vec<String> = clocks
+        let clocks: BTreeMap<String, Clock> = clocks
             .iter()
-            .map(|(a, c)| format!("\"{}\":{c}", a.pub_key))
+            .map(|(a, c)| (a.pub_key.clone(), Clock::new(*c).unwrap()))
             .collect();
-        let pd = format!(
-            r#"{{"snapshotId":{},"docId":{},"pubKey":"{}","parentSnapshotId":{},"parentSnapshotUpdateClocks":{{{}}},"parentSnapshotProof":"{proof}"}}"#,
-            json_str(id),
-            json_str(doc),
-            self.pub_key,
-            json_str(&parent_id),
-            clocks.join(",")
-        );
-        let ciphertext = b64::encode(format!(
-            "snapshot {doc} {id} ..................................................."
-        ));
-        let body = build_frame(
-            Domain::Snapshot,
-            &ciphertext,
-            &b64::encode([7u8; 24]),
-            &pd,
-            &self.key,
-        )
-        .unwrap();
+        let spec = frames::SnapshotSpec {
+            doc_id: &DocumentId::parse(doc).unwrap(),
+            snapshot_id: &SnapshotId::parse(id).unwrap(),
+            parent: parent.map(|p| &p.info),
+            parent_snapshot_update_clocks: &clocks,
+        };
+        let built = frames::build_snapshot(&spec, b"snapshot", &document_key(), &self.key).unwrap();
         Snap {
             id: id.to_owned(),
-            proof,
-            ciphertext,
-            body,
+            info: built.info,
+            body: built.text,
         }
     }
 }
 
-/// A snapshot made by a test, with what its children need.
+/// A snapshot made by a test: its frame, and the proof entry its children build on.
 #[derive(Clone)]
 pub struct Snap {
     pub id: String,
-    pub proof: String,
-    pub ciphertext: String,
+    pub info: ProofEntry,
     pub body: String,
-}
-
-pub fn json_str(s: &str) -> String {
-    let mut out = String::new();
-    canonical::write_str(s, &mut out);
-    out
 }
