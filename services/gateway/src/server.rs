@@ -52,7 +52,7 @@ async fn handle(
         .max_message_size(limit)
         .max_frame_size(limit)
         // Small buffers keep idle connections cheap; they grow for large frames.
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(1024)
         .write_buffer_size(0)
         .on_upgrade(move |socket| {
             tasks.track_future(async move {

@@ -543,7 +543,13 @@ impl<B: Backend> Inner<B> {
             states.clear();
         }
         for (doc, head, state) in new_states {
-            states.insert(doc.clone(), (head.head_seq, state));
+            // Two workers can finish in either order: never replace a newer state.
+            match states.get(doc) {
+                Some((seq, _)) if *seq > head.head_seq => {}
+                _ => {
+                    states.insert(doc.clone(), (head.head_seq, state));
+                }
+            }
         }
     }
 }
