@@ -27,6 +27,42 @@ impl<B: Backend> PersistenceService<B> {
     pub fn new(core: Core<B>) -> Self {
         Self { core }
     }
+
+    async fn submit(
+        &self,
+        kind: Kind,
+        document: &str,
+        body: &str,
+        id: Option<&pb::RequestId>,
+    ) -> Result<Response<pb::SubmitResponse>, Status> {
+        let doc = document_id(document)?;
+        let outcome = self
+            .core
+            .submit(doc, kind, body, request_id(id))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(submit_response(outcome)))
+    }
+}
+
+/// Groups items into batches of about `CHUNK_BYTES` (one item may exceed it alone).
+fn batches<T>(items: impl IntoIterator<Item = T>, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
+    let mut all = Vec::new();
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    for item in items {
+        let n = size(&item);
+        if bytes + n > CHUNK_BYTES && !batch.is_empty() {
+            all.push(std::mem::take(&mut batch));
+            bytes = 0;
+        }
+        bytes += n;
+        batch.push(item);
+    }
+    if !batch.is_empty() {
+        all.push(batch);
+    }
+    all
 }
 
 /// The one mapping of core errors to statuses. Internal detail is logged, never sent.
@@ -116,25 +152,13 @@ pub fn load_chunks(loaded: LoadedDocument) -> Vec<pb::LoadDocumentChunk> {
             }
         }));
     }
-    let mut batch = Vec::new();
-    let mut size = 0;
-    for body in loaded.updates {
-        if size + body.len() > CHUNK_BYTES && !batch.is_empty() {
-            chunks.push(pb::LoadDocumentChunk {
-                part: Some(Part::Updates(pb::UpdateBodies {
-                    bodies: std::mem::take(&mut batch),
-                })),
-            });
-            size = 0;
-        }
-        size += body.len();
-        batch.push(body);
-    }
-    if !batch.is_empty() {
-        chunks.push(pb::LoadDocumentChunk {
-            part: Some(Part::Updates(pb::UpdateBodies { bodies: batch })),
-        });
-    }
+    chunks.extend(
+        batches(loaded.updates, String::len)
+            .into_iter()
+            .map(|bodies| pb::LoadDocumentChunk {
+                part: Some(Part::Updates(pb::UpdateBodies { bodies })),
+            }),
+    );
     chunks
 }
 
@@ -189,18 +213,13 @@ impl<B: Backend> Persistence for PersistenceService<B> {
         request: Request<pb::SubmitSnapshotRequest>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
         let req = request.into_inner();
-        let doc = document_id(&req.document_id)?;
-        let outcome = self
-            .core
-            .submit(
-                doc,
-                Kind::Snapshot,
-                &req.body,
-                request_id(req.request_id.as_ref()),
-            )
-            .await
-            .map_err(status)?;
-        Ok(Response::new(submit_response(outcome)))
+        self.submit(
+            Kind::Snapshot,
+            &req.document_id,
+            &req.body,
+            req.request_id.as_ref(),
+        )
+        .await
     }
 
     async fn submit_update(
@@ -208,18 +227,13 @@ impl<B: Backend> Persistence for PersistenceService<B> {
         request: Request<pb::SubmitUpdateRequest>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
         let req = request.into_inner();
-        let doc = document_id(&req.document_id)?;
-        let outcome = self
-            .core
-            .submit(
-                doc,
-                Kind::Update,
-                &req.body,
-                request_id(req.request_id.as_ref()),
-            )
-            .await
-            .map_err(status)?;
-        Ok(Response::new(submit_response(outcome)))
+        self.submit(
+            Kind::Update,
+            &req.document_id,
+            &req.body,
+            req.request_id.as_ref(),
+        )
+        .await
     }
 
     async fn read_events(
@@ -238,29 +252,18 @@ impl<B: Backend> Persistence for PersistenceService<B> {
             .read_events(&doc, req.after_sequence, limit)
             .await
             .map_err(status)?;
-        let mut chunks = Vec::new();
-        let mut batch = Vec::new();
-        let mut size = 0;
-        for event in events {
-            if size + event.body.len() > CHUNK_BYTES && !batch.is_empty() {
-                chunks.push(pb::ReadEventsChunk {
-                    events: std::mem::take(&mut batch),
-                });
-                size = 0;
-            }
-            size += event.body.len();
-            batch.push(pb::Event {
-                sequence: event.seq,
-                kind: match event.kind {
-                    EventKind::Snapshot => pb::EventKind::Snapshot,
-                    EventKind::Update => pb::EventKind::Update,
-                } as i32,
-                body: event.body,
-            });
-        }
-        if !batch.is_empty() {
-            chunks.push(pb::ReadEventsChunk { events: batch });
-        }
+        let events = events.into_iter().map(|event| pb::Event {
+            sequence: event.seq,
+            kind: match event.kind {
+                EventKind::Snapshot => pb::EventKind::Snapshot,
+                EventKind::Update => pb::EventKind::Update,
+            } as i32,
+            body: event.body,
+        });
+        let chunks: Vec<_> = batches(events, |e| e.body.len())
+            .into_iter()
+            .map(|events| pb::ReadEventsChunk { events })
+            .collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(
             chunks.into_iter().map(Ok),
         ))))
