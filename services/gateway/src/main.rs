@@ -15,7 +15,7 @@ use secsync_protocol::ParseOptions;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    init_logging(&config.log_format);
+    secsync_telemetry::init(&config.log_format);
     let store = GrpcStore::new(&GrpcStoreOptions {
         url: config.persistence.clone(),
         max_message_bytes: config.max_frame_bytes + 64 * 1024,
@@ -63,33 +63,10 @@ async fn main() -> anyhow::Result<()> {
     secsync_gateway::server::serve(
         listener,
         gateway,
-        shutdown_signal(),
+        secsync_telemetry::shutdown_signal(),
         seconds(config.drain_seconds),
     )
     .await?;
     tracing::info!("secsync-gateway stopped");
     Ok(())
-}
-
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    else {
-        return ctrl_c.await.unwrap_or(());
-    };
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term.recv() => {},
-    }
 }

@@ -9,7 +9,7 @@ use secsync_persistence::CoreOptions;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    init_logging(&config.log_format);
+    secsync_telemetry::init(&config.log_format);
     let backend = PgBackend::connect_lazy(
         &config.database_url,
         &PgSettings {
@@ -32,39 +32,10 @@ async fn main() -> anyhow::Result<()> {
         backend,
         options,
         config.max_message_bytes,
-        shutdown_signal(),
+        secsync_telemetry::shutdown_signal(),
     )
     .await
     .map_err(|e| anyhow::anyhow!(e))?;
     tracing::info!("secsync-persistence stopped");
     Ok(())
-}
-
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        else {
-            return ctrl_c.await.unwrap_or(());
-        };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
