@@ -1,11 +1,11 @@
 //! The **store** seam: what a gateway needs from persistence.
 //!
 //! [`GrpcStore`](crate::grpc_store::GrpcStore) calls the persistence service; the embedded
-//! binary plugs the persistence core in directly. Rejections are values ([`Submitted::Rejected`]),
-//! failures of the call itself are [`StoreError`]s.
+//! binary plugs the persistence core in directly (`secsync::CoreStore`). Rejections are values
+//! ([`Submitted::Rejected`]), failures of the call itself are [`StoreError`]s.
 
 use async_trait::async_trait;
-use secsync_protocol::{DocumentId, LoadRequest, ProofEntry, Reason, SnapshotId};
+use secsync_protocol::{DocumentId, LoadRequest};
 
 /// A call to persistence failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -18,29 +18,9 @@ pub enum StoreError {
     Failed(String),
 }
 
-/// A document as loaded (PROTOCOL.md 6.4), at one sequence number.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Loaded {
-    pub found: bool,
-    pub sequence: u64,
-    pub active_snapshot_id: Option<SnapshotId>,
-    pub snapshot: Option<String>,
-    pub updates: Vec<String>,
-    pub chain: Option<Vec<ProofEntry>>,
-}
-
-/// What persistence answered to a submission.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Submitted {
-    Accepted { sequence: u64 },
-    Rejected { reason: Reason, sequence: u64 },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SubmitKind {
-    Snapshot,
-    Update,
-}
+// One definition of what a store answers, shared with the persistence core (which the embedded
+// binary plugs in here directly); the gateway's names for them.
+pub use secsync_protocol::{Kind as SubmitKind, LoadedDocument as Loaded, Outcome as Submitted};
 
 /// Identifies one client frame, so a retried submission returns its first result.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +28,14 @@ pub struct RequestId {
     pub gateway: String,
     pub connection: u64,
     pub frame: u64,
+}
+
+/// The stored form, `gateway/connection/frame` (the persistence service's gRPC layer writes the
+/// same, so a retry through either path finds the first result).
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.gateway, self.connection, self.frame)
+    }
 }
 
 /// An accepted message read back for gap repair.

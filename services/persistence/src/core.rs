@@ -18,8 +18,10 @@ use std::sync::{Arc, Mutex};
 use secsync_protocol::rules::proof_chain_after;
 use secsync_protocol::{
     parse_client_frame, plan_load, ChainPlan, ClientFrame, DocumentId, DocumentState, LoadRequest,
-    ParseOptions, ProofEntry, Reason, RuleOptions, SnapshotId, SnapshotMessage, UpdateMessage,
+    ParseOptions, Reason, RuleOptions, SnapshotMessage, UpdateMessage,
 };
+// The store seam's types live in the protocol crate, shared with the gateway.
+pub use secsync_protocol::{Kind, LoadedDocument, Outcome};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::backend::{
@@ -72,34 +74,6 @@ impl From<BackendError> for CoreError {
             BackendError::Other(m) => CoreError::Internal(m),
         }
     }
-}
-
-/// The result of a submission.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Stored with this per-document sequence number.
-    Accepted { sequence: u64 },
-    /// Refused by a rule; `sequence` is the document's sequence number at that point.
-    Rejected { reason: Reason, sequence: u64 },
-}
-
-/// Which RPC a body arrived on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Snapshot,
-    Update,
-}
-
-/// A document as a load returns it (PROTOCOL.md 6.4), read in one consistent view.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LoadedDocument {
-    pub found: bool,
-    pub sequence: u64,
-    pub active_snapshot_id: Option<SnapshotId>,
-    pub snapshot: Option<String>,
-    pub updates: Vec<String>,
-    /// `None`: the `document` frame has no `snapshotProofChain` field.
-    pub chain: Option<Vec<ProofEntry>>,
 }
 
 enum Message {

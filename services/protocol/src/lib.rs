@@ -7,6 +7,8 @@
 //! * [`message`]: client frames, keeping the exact signed text as the body to store and relay.
 //! * [`connect`]: the connection URL.
 //! * [`rules`]: the server's rules as pure functions over a small document state.
+//! * [`outcome`]: what a store answers (submission outcomes, loaded documents), shared by the
+//!   persistence core and the gateway.
 //! * [`server_frame`]: server → client frames as a client reads them.
 //! * [`error`] and [`wire`]: the one error type, its one mapping to replies, and the frames the
 //!   server sends.
@@ -22,6 +24,7 @@ pub mod error;
 pub mod ids;
 pub mod json;
 pub mod message;
+pub mod outcome;
 pub mod rules;
 pub mod server_frame;
 pub mod wire;
@@ -34,6 +37,7 @@ pub use message::{
     parse_client_frame, ClientFrame, EphemeralMessage, ParseOptions, Signed, SnapshotMessage,
     UpdateMessage,
 };
+pub use outcome::{Kind, LoadedDocument, Outcome};
 pub use rules::{
     plan_load, ActiveSnapshot, ChainPlan, Clocks, DocumentState, LoadMode, LoadPlan, LoadRequest,
     RuleOptions, UpdateSelection,
