@@ -3,8 +3,8 @@
 //! A backend stores rows and takes locks; it decides nothing. The core (see [`crate::core`])
 //! opens a [`WriteTx`], locks the documents of a batch, asks the protocol crate's rules about each
 //! message and writes what they accept; loads go through a [`ReadTx`], one consistent view of the
-//! database. Postgres implements this now ([`crate::postgres`]); the embedded SQLite backend will
-//! implement the same two traits with no change to the core.
+//! database. Postgres ([`crate::postgres`]) and SQLite ([`crate::sqlite`], for the embedded
+//! single-node binary) implement the same traits; the core does not know which it runs on.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -71,11 +71,8 @@ pub struct StoredEvent {
     pub body: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventKind {
-    Snapshot,
-    Update,
-}
+/// Which kind of message an event is (the protocol crate's one definition).
+pub use secsync_protocol::Kind as EventKind;
 
 /// A database the core can run on.
 pub trait Backend: Send + Sync + 'static {
@@ -117,7 +114,8 @@ pub trait WriteTx: Send {
     ) -> impl Future<Output = Result<HashMap<String, u64>, BackendError>> + Send;
 
     /// Locks the documents (sorted, so concurrent batches never deadlock) and reads their rows;
-    /// documents that do not exist are missing from the result.
+    /// documents that do not exist are missing from the result. A backend whose write
+    /// transactions hold a database-wide write lock from their start (SQLite) only reads them.
     fn lock_documents(
         &mut self,
         sorted_ids: &[&DocumentId],

@@ -2,7 +2,9 @@
 //!
 //! * [`core`]: sequencing, batching and idempotency; every decision comes from the protocol
 //!   crate's rules.
-//! * [`backend`]: the storage interface the core runs on; [`postgres`] implements it.
+//! * [`backend`]: the storage interface the core runs on; [`postgres`] (the service, several
+//!   replicas on one database) and [`sqlite`] (the embedded single-node binary, one local file)
+//!   implement it.
 //! * [`grpc`]: the thin gRPC layer over the core (`proto/secsync/persistence/v1`).
 //! * [`config`]: the binary's flags and environment variables.
 //!
@@ -13,5 +15,6 @@ pub mod config;
 pub mod core;
 pub mod grpc;
 pub mod postgres;
+pub mod sqlite;
 
 pub use crate::core::{Core, CoreError, CoreOptions, Kind, LoadedDocument, Outcome};

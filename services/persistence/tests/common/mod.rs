@@ -1,4 +1,5 @@
-//! Test support: a fresh Postgres database per test, and signed frames made with real keys.
+//! Test support: a fresh Postgres database or SQLite file per test, and signed frames made with
+//! real keys.
 
 #![allow(
     dead_code,
@@ -9,10 +10,12 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::path::{Path, PathBuf};
 
 use ed25519_dalek::SigningKey;
 use futures::FutureExt as _;
 use secsync_persistence::postgres::{PgBackend, PgSettings};
+use secsync_persistence::sqlite::SqliteBackend;
 
 use secsync_client::{frames, DocumentKey};
 use secsync_protocol::{Clock, DocumentId, ProofEntry, SnapshotId};
@@ -77,6 +80,61 @@ pub async fn backend(url: &str) -> PgBackend {
     let backend = PgBackend::connect_lazy(url, &PgSettings::default()).unwrap();
     backend.migrate().await.unwrap();
     backend
+}
+
+/// Runs `body` with a migrated backend on a fresh Postgres database.
+pub async fn with_pg_backend<F, Fut>(body: F)
+where
+    F: FnOnce(PgBackend) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    with_database(|url| async move { body(backend(&url).await).await }).await;
+}
+
+/// A fresh directory under the system's temporary directory, removed (with everything in it)
+/// on drop, also when the test panics.
+pub struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    pub fn new() -> Self {
+        let path = std::env::temp_dir().join(unique_name());
+        std::fs::create_dir(&path).unwrap();
+        Self(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Where a test keeps its database (the WAL and shared-memory files go beside it).
+    pub fn database(&self) -> PathBuf {
+        self.0.join("secsync.sqlite")
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Opens and migrates the SQLite database at `path`.
+pub async fn sqlite_backend(path: &Path) -> SqliteBackend {
+    let backend = SqliteBackend::open(path).await.unwrap();
+    backend.migrate().await.unwrap();
+    backend
+}
+
+/// Runs `body` with a migrated backend on a fresh SQLite file, removed afterwards.
+pub async fn with_sqlite_backend<F, Fut>(body: F)
+where
+    F: FnOnce(SqliteBackend) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let dir = ScratchDir::new();
+    let backend = sqlite_backend(&dir.database()).await;
+    body(backend.clone()).await;
+    backend.close().await;
 }
 
 /// An author with a real Ed25519 key, building frames with the Rust client library.

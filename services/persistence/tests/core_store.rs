@@ -1,0 +1,630 @@
+//! The persistence core on each storage backend: every rule of PROTOCOL.md, sequencing,
+//! idempotency and concurrency. Each scenario is written once, generic over the backend, and
+//! run twice: `postgres::NAME` on a fresh Postgres database, `sqlite::NAME` on a fresh SQLite
+//! file (see `on_each_backend!` at the end).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)] // scenario tests read top to bottom
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::Author;
+use secsync_persistence::backend::Backend;
+use secsync_persistence::{Core, CoreOptions, Kind, Outcome};
+use secsync_protocol::{
+    parse_client_frame, ClientFrame, DocumentId, LoadMode, LoadRequest, ParseOptions, Reason,
+    SnapshotId,
+};
+
+fn doc(id: &str) -> DocumentId {
+    DocumentId::parse(id).unwrap()
+}
+
+fn accepted(outcome: Outcome) -> u64 {
+    match outcome {
+        Outcome::Accepted { sequence } => sequence,
+        Outcome::Rejected { reason, .. } => panic!("rejected: {reason}"),
+    }
+}
+
+fn rejected(outcome: Outcome) -> Reason {
+    match outcome {
+        Outcome::Rejected { reason, .. } => reason,
+        Outcome::Accepted { sequence } => panic!("accepted at {sequence}"),
+    }
+}
+
+fn load_request(mode: LoadMode, known: Option<&str>, clocks: &[(&Author, u64)]) -> LoadRequest {
+    LoadRequest {
+        mode,
+        known_snapshot_id: known.map(|k| SnapshotId::parse(k).unwrap()),
+        known_clocks: clocks
+            .iter()
+            .map(|(a, c)| (a.pub_key.clone(), secsync_protocol::Clock::new(*c).unwrap()))
+            .collect(),
+    }
+}
+
+/// The clock of each update body, to compare loads by content.
+fn clocks_of(bodies: &[String]) -> Vec<(String, u64)> {
+    bodies
+        .iter()
+        .map(
+            |b| match parse_client_frame(b, ParseOptions::default()).unwrap() {
+                ClientFrame::Update(u) => (u.signed.pub_key().as_str().to_owned(), u.clock.get()),
+                _ => panic!("not an update"),
+            },
+        )
+        .collect()
+}
+
+async fn first_snapshot_updates_and_complete_load<B: Backend>(core: Core<B>) {
+    let (a, b) = (Author::new(1), Author::new(2));
+    let d = doc("doc-1");
+    let empty = core.load(&d, &LoadRequest::default(), true).await.unwrap();
+    assert!(empty.found);
+    assert_eq!(
+        (empty.sequence, empty.snapshot, empty.chain),
+        (0, None, Some(vec![]))
+    );
+    assert!(
+        !core
+            .load(&doc("nope"), &LoadRequest::default(), false)
+            .await
+            .unwrap()
+            .found
+    );
+
+    let s1 = a.snapshot("doc-1", "S1", None, &[]);
+    assert_eq!(
+        accepted(
+            core.submit(d.clone(), Kind::Snapshot, &s1.body, None)
+                .await
+                .unwrap()
+        ),
+        1
+    );
+    let u = [
+        a.update("doc-1", "S1", 0),
+        b.update("doc-1", "S1", 0),
+        a.update("doc-1", "S1", 1),
+    ];
+    for (i, body) in u.iter().enumerate() {
+        let seq = accepted(
+            core.submit(d.clone(), Kind::Update, body, None)
+                .await
+                .unwrap(),
+        );
+        assert_eq!(seq, i as u64 + 2);
+    }
+    let loaded = core.load(&d, &LoadRequest::default(), true).await.unwrap();
+    assert_eq!(loaded.sequence, 4);
+    assert_eq!(
+        loaded.snapshot.as_deref(),
+        Some(parse_body(&s1.body).as_str())
+    );
+    assert_eq!(
+        loaded.updates,
+        u.iter().map(|b| parse_body(b)).collect::<Vec<_>>()
+    );
+    assert_eq!(loaded.chain, Some(vec![]));
+}
+
+/// The stored body is the frame's exact signed parts (what the protocol parser builds).
+fn parse_body(text: &str) -> String {
+    parse_client_frame(text, ParseOptions::default())
+        .unwrap()
+        .signed()
+        .body()
+        .to_owned()
+}
+
+async fn clock_rules<B: Backend>(core: Core<B>) {
+    let a = Author::new(1);
+    let d = doc("d");
+    core.load(&d, &LoadRequest::default(), true).await.unwrap();
+    // No active snapshot yet.
+    assert_eq!(
+        rejected(
+            core.submit(d.clone(), Kind::Update, &a.update("d", "S1", 0), None)
+                .await
+                .unwrap()
+        ),
+        Reason::UpdateNoActiveSnapshot
+    );
+    let s1 = a.snapshot("d", "S1", None, &[]);
+    accepted(
+        core.submit(d.clone(), Kind::Snapshot, &s1.body, None)
+            .await
+            .unwrap(),
+    );
+    // First clock must be 0.
+    assert_eq!(
+        rejected(
+            core.submit(d.clone(), Kind::Update, &a.update("d", "S1", 1), None)
+                .await
+                .unwrap()
+        ),
+        Reason::UpdateWrongClock
+    );
+    accepted(
+        core.submit(d.clone(), Kind::Update, &a.update("d", "S1", 0), None)
+            .await
+            .unwrap(),
+    );
+    // Repeat and gap.
+    for clock in [0, 2, 5] {
+        assert_eq!(
+            rejected(
+                core.submit(d.clone(), Kind::Update, &a.update("d", "S1", clock), None)
+                    .await
+                    .unwrap()
+            ),
+            Reason::UpdateWrongClock,
+            "clock {clock}"
+        );
+    }
+    // Unknown snapshot.
+    assert_eq!(
+        rejected(
+            core.submit(d.clone(), Kind::Update, &a.update("d", "S9", 1), None)
+                .await
+                .unwrap()
+        ),
+        Reason::UpdateNotActiveSnapshot
+    );
+    // Another document's snapshot, and a body naming another document.
+    let e = doc("e");
+    core.load(&e, &LoadRequest::default(), true).await.unwrap();
+    let t1 = a.snapshot("e", "T1", None, &[]);
+    accepted(
+        core.submit(e.clone(), Kind::Snapshot, &t1.body, None)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        rejected(
+            core.submit(d.clone(), Kind::Update, &a.update("d", "T1", 1), None)
+                .await
+                .unwrap()
+        ),
+        Reason::UpdateNotActiveSnapshot
+    );
+    assert_eq!(
+        rejected(
+            core.submit(d.clone(), Kind::Update, &a.update("e", "T1", 0), None)
+                .await
+                .unwrap()
+        ),
+        Reason::WrongDocument
+    );
+    // Nothing of that was stored.
+    let loaded = core.load(&d, &LoadRequest::default(), false).await.unwrap();
+    assert_eq!((loaded.sequence, loaded.updates.len()), (2, 1));
+}
+
+async fn snapshot_rules_and_recovery_loads<B: Backend>(core: Core<B>) {
+    let (a, b) = (Author::new(1), Author::new(2));
+    let d = doc("d");
+    core.load(&d, &LoadRequest::default(), true).await.unwrap();
+    // A first snapshot that claims a parent is refused (proof check on).
+    let orphan = a.snapshot("d", "S0", Some(&a.snapshot("d", "X", None, &[])), &[]);
+    assert_eq!(
+        rejected(
+            core.submit(d.clone(), Kind::Snapshot, &orphan.body, None)
+                .await
+                .unwrap()
+        ),
+        Reason::SnapshotInvalidProof
+    );
+    let s1 = a.snapshot("d", "S1", None, &[]);
+    accepted(
+        core.submit(d.clone(), Kind::Snapshot, &s1.body, None)
+            .await
+            .unwrap(),
+    );
+    accepted(
+        core.submit(d.clone(), Kind::Update, &a.update("d", "S1", 0), None)
+            .await
+            .unwrap(),
+    );
+    accepted(
+        core.submit(d.clone(), Kind::Update, &b.update("d", "S1", 0), None)
+            .await
+            .unwrap(),
+    );
+    // Misses B's update.
+    let missing = a.snapshot("d", "S2", Some(&s1), &[(&a, 0)]);
+    assert_eq!(
+        rejected(
+            core.submit(d.clone(), Kind::Snapshot, &missing.body, None)
+                .await
+                .unwrap()
+        ),
+        Reason::SnapshotMissesUpdates
+    );
+    // Wrong proof: built on another parent's proof.
+    let mut wrong = a.snapshot("d", "S2", Some(&s1), &[(&a, 0), (&b, 0)]);
+    wrong = {
+        let fake_parent = common::Snap {
+            info: secsync_protocol::ProofEntry {
+                parent_snapshot_proof: "bogus".into(),
+                ..s1.info.clone()
+            },
+            ..s1.clone()
+        };
+        let w = a.snapshot("d", "S2", Some(&fake_parent), &[(&a, 0), (&b, 0)]);
+        assert_ne!(
+            w.info.parent_snapshot_proof,
+            wrong.info.parent_snapshot_proof
+        );
+        w
+    };
+    assert_eq!(
+        rejected(
+            core.submit(d.clone(), Kind::Snapshot, &wrong.body, None)
+                .await
+                .unwrap()
+        ),
+        Reason::SnapshotInvalidProof
+    );
+    let s2 = a.snapshot("d", "S2", Some(&s1), &[(&a, 0), (&b, 0)]);
+    assert_eq!(
+        accepted(
+            core.submit(d.clone(), Kind::Snapshot, &s2.body, None)
+                .await
+                .unwrap()
+        ),
+        4
+    );
+    // Outdated: parent S1 is no longer active.
+    let late = b.snapshot("d", "S2b", Some(&s1), &[(&a, 0), (&b, 0)]);
+    assert_eq!(
+        rejected(
+            core.submit(d.clone(), Kind::Snapshot, &late.body, None)
+                .await
+                .unwrap()
+        ),
+        Reason::SnapshotOutdated
+    );
+    // A snapshot id already used in this document.
+    let reuse = a.snapshot("d", "S1", Some(&s2), &[]);
+    assert_eq!(
+        rejected(
+            core.submit(d.clone(), Kind::Snapshot, &reuse.body, None)
+                .await
+                .unwrap()
+        ),
+        Reason::SnapshotIdTaken
+    );
+    accepted(
+        core.submit(d.clone(), Kind::Update, &b.update("d", "S2", 0), None)
+            .await
+            .unwrap(),
+    );
+    let s3 = b.snapshot("d", "S3", Some(&s2), &[(&b, 0)]);
+    accepted(
+        core.submit(d.clone(), Kind::Snapshot, &s3.body, None)
+            .await
+            .unwrap(),
+    );
+    accepted(
+        core.submit(d.clone(), Kind::Update, &a.update("d", "S3", 0), None)
+            .await
+            .unwrap(),
+    );
+    accepted(
+        core.submit(d.clone(), Kind::Update, &b.update("d", "S3", 0), None)
+            .await
+            .unwrap(),
+    );
+    accepted(
+        core.submit(d.clone(), Kind::Update, &a.update("d", "S3", 1), None)
+            .await
+            .unwrap(),
+    );
+
+    // Known S1, active S3: chain [S2, S3], all updates of S3.
+    let from_s1 = core
+        .load(&d, &load_request(LoadMode::Delta, Some("S1"), &[]), false)
+        .await
+        .unwrap();
+    let chain: Vec<&str> = from_s1
+        .chain
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|e| e.snapshot_id.as_str())
+        .collect();
+    assert_eq!(chain, ["S2", "S3"]);
+    assert!(from_s1.snapshot.is_some());
+    assert_eq!(from_s1.updates.len(), 3);
+    // The chain verifies as the client checks it.
+    let entry = |s: &common::Snap| s.info.clone();
+    assert!(secsync_protocol::crypto::verify_proof_chain(
+        &entry(&s1),
+        &entry(&s3),
+        from_s1.chain.as_ref().unwrap()
+    ));
+    // Delta with the active snapshot known: only what is missing, no snapshot, no chain.
+    let delta = core
+        .load(
+            &d,
+            &load_request(LoadMode::Delta, Some("S3"), &[(&a, 0)]),
+            false,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (delta.snapshot.is_none(), delta.chain.is_none()),
+        (true, true)
+    );
+    assert_eq!(
+        clocks_of(&delta.updates),
+        vec![(b.pub_key.clone(), 0), (a.pub_key.clone(), 1)]
+    );
+    // Complete with the active snapshot known: everything again.
+    let complete = core
+        .load(
+            &d,
+            &load_request(LoadMode::Complete, Some("S3"), &[(&a, 1)]),
+            false,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (complete.snapshot.is_some(), complete.updates.len()),
+        (true, 3)
+    );
+    assert_eq!(complete.chain, Some(vec![]));
+    // Unknown known snapshot: empty chain.
+    let unknown = core
+        .load(&d, &load_request(LoadMode::Delta, Some("nope"), &[]), false)
+        .await
+        .unwrap();
+    assert_eq!(unknown.chain, Some(vec![]));
+    // Events for gap repair, in sequence order, and the head.
+    let events = core.read_events(&d, 4, 100).await.unwrap();
+    assert_eq!(
+        events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (5..=9).collect::<Vec<_>>()
+    );
+    assert_eq!(core.heads(std::slice::from_ref(&d)).await.unwrap()[&d], 9);
+}
+
+async fn retried_requests_return_the_first_result<B: Backend>(core: Core<B>) {
+    let a = Author::new(1);
+    let d = doc("d");
+    core.load(&d, &LoadRequest::default(), true).await.unwrap();
+    let s1 = a.snapshot("d", "S1", None, &[]);
+    let id = |n: u64| Some(format!("gw/1/{n}"));
+    assert_eq!(
+        accepted(
+            core.submit(d.clone(), Kind::Snapshot, &s1.body, id(1))
+                .await
+                .unwrap()
+        ),
+        1
+    );
+    assert_eq!(
+        accepted(
+            core.submit(d.clone(), Kind::Snapshot, &s1.body, id(1))
+                .await
+                .unwrap()
+        ),
+        1
+    );
+    let u0 = a.update("d", "S1", 0);
+    assert_eq!(
+        accepted(
+            core.submit(d.clone(), Kind::Update, &u0, id(2))
+                .await
+                .unwrap()
+        ),
+        2
+    );
+    // The retry of a committed update: same result, nothing stored twice.
+    assert_eq!(
+        accepted(
+            core.submit(d.clone(), Kind::Update, &u0, id(2))
+                .await
+                .unwrap()
+        ),
+        2
+    );
+    // The same update in a new frame: the rejection PROTOCOL.md demands.
+    assert_eq!(
+        rejected(
+            core.submit(d.clone(), Kind::Update, &u0, id(3))
+                .await
+                .unwrap()
+        ),
+        Reason::UpdateWrongClock
+    );
+    assert_eq!(core.heads(std::slice::from_ref(&d)).await.unwrap()[&d], 2);
+}
+
+/// 20 writers on one document and 100 documents at once: no valid update rejected, sequence
+/// numbers contiguous, per-author clocks contiguous.
+async fn concurrent_writers_are_never_rejected<B: Backend>(core: Core<B>) {
+    let mut docs = vec!["hot".to_owned()];
+    docs.extend((0..100).map(|i| format!("doc-{i}")));
+    for name in &docs {
+        let d = doc(name);
+        core.load(&d, &LoadRequest::default(), true).await.unwrap();
+        let s = Author::new(200).snapshot(name, "S1", None, &[]);
+        accepted(core.submit(d, Kind::Snapshot, &s.body, None).await.unwrap());
+    }
+    let mut tasks = Vec::new();
+    // 20 authors on the hot document, 10 updates each.
+    for w in 0..20u8 {
+        let core = core.clone();
+        tasks.push(tokio::spawn(async move {
+            let author = Author::new(w + 1);
+            for clock in 0..10 {
+                let body = author.update("hot", "S1", clock);
+                accepted(
+                    core.submit(doc("hot"), Kind::Update, &body, None)
+                        .await
+                        .unwrap(),
+                );
+            }
+        }));
+    }
+    // One author on each of the 100 other documents, 5 updates each.
+    for name in docs.iter().skip(1) {
+        let name = name.clone();
+        let core = core.clone();
+        tasks.push(tokio::spawn(async move {
+            let author = Author::new(100);
+            for clock in 0..5 {
+                let body = author.update(&name, "S1", clock);
+                accepted(
+                    core.submit(doc(&name), Kind::Update, &body, None)
+                        .await
+                        .unwrap(),
+                );
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let hot = core.read_events(&doc("hot"), 0, 1000).await.unwrap();
+    assert_eq!(
+        hot.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=201).collect::<Vec<_>>()
+    );
+    let loaded = core
+        .load(&doc("hot"), &LoadRequest::default(), false)
+        .await
+        .unwrap();
+    let mut per_author: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for (author, clock) in clocks_of(&loaded.updates) {
+        per_author.entry(author).or_default().push(clock);
+    }
+    assert_eq!(per_author.len(), 20);
+    assert!(per_author
+        .values()
+        .all(|c| *c == (0..10).collect::<Vec<_>>()));
+    for name in docs.iter().skip(1) {
+        let events = core.read_events(&doc(name), 0, 100).await.unwrap();
+        assert_eq!(
+            events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            (1..=6).collect::<Vec<_>>()
+        );
+    }
+}
+
+/// 10 clients race snapshots on one document: exactly one wins each round, the others are
+/// told they are outdated.
+async fn snapshot_races_have_one_winner<B: Backend>(core: Core<B>) {
+    let d = doc("race");
+    core.load(&d, &LoadRequest::default(), true).await.unwrap();
+    let root = Author::new(50).snapshot("race", "R0", None, &[]);
+    accepted(
+        core.submit(d.clone(), Kind::Snapshot, &root.body, None)
+            .await
+            .unwrap(),
+    );
+    let mut parent = root;
+    for round in 0..5 {
+        let candidates: Vec<common::Snap> = (0..10u8)
+            .map(|c| {
+                Author::new(c + 1).snapshot("race", &format!("R{round}-{c}"), Some(&parent), &[])
+            })
+            .collect();
+        let tasks: Vec<_> = candidates
+            .iter()
+            .map(|s| {
+                let (core, d, body) = (core.clone(), d.clone(), s.body.clone());
+                tokio::spawn(
+                    async move { core.submit(d, Kind::Snapshot, &body, None).await.unwrap() },
+                )
+            })
+            .collect();
+        let mut winners = Vec::new();
+        for (i, task) in tasks.into_iter().enumerate() {
+            match task.await.unwrap() {
+                Outcome::Accepted { .. } => winners.push(i),
+                Outcome::Rejected { reason, .. } => {
+                    assert_eq!(reason, Reason::SnapshotOutdated);
+                }
+            }
+        }
+        assert_eq!(winners.len(), 1, "round {round}");
+        parent = candidates[winners[0]].clone();
+    }
+    let loaded = core.load(&d, &LoadRequest::default(), false).await.unwrap();
+    assert_eq!(loaded.active_snapshot_id.unwrap().as_str(), parent.id);
+    assert_eq!(loaded.sequence, 6);
+}
+
+/// Instantiates each scenario once per backend, with the core options that backend runs with
+/// in production.
+macro_rules! on_each_backend {
+    ($(#[$test:meta] $name:ident),* $(,)?) => {
+        mod postgres {
+            use secsync_persistence::{Core, CoreOptions};
+            $(
+                #[$test]
+                async fn $name() {
+                    crate::common::with_pg_backend(|backend| {
+                        super::$name(Core::start(backend, CoreOptions::default()))
+                    })
+                    .await;
+                }
+            )*
+        }
+
+        mod sqlite {
+            use secsync_persistence::sqlite::recommended_core_options;
+            use secsync_persistence::Core;
+            $(
+                #[$test]
+                async fn $name() {
+                    crate::common::with_sqlite_backend(|backend| {
+                        super::$name(Core::start(backend, recommended_core_options()))
+                    })
+                    .await;
+                }
+            )*
+        }
+    };
+}
+
+on_each_backend! {
+    #[tokio::test] first_snapshot_updates_and_complete_load,
+    #[tokio::test] clock_rules,
+    #[tokio::test] snapshot_rules_and_recovery_loads,
+    #[tokio::test] retried_requests_return_the_first_result,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)] concurrent_writers_are_never_rejected,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)] snapshot_races_have_one_winner,
+}
+
+/// More core workers than SQLite has writers: the extra workers queue for the one write
+/// connection, and nothing is rejected or reordered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_with_four_workers_concurrent_writers_are_never_rejected() {
+    let options = CoreOptions {
+        workers: 4,
+        ..secsync_persistence::sqlite::recommended_core_options()
+    };
+    common::with_sqlite_backend(|backend| {
+        concurrent_writers_are_never_rejected(Core::start(backend, options))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_with_four_workers_snapshot_races_have_one_winner() {
+    let options = CoreOptions {
+        workers: 4,
+        ..secsync_persistence::sqlite::recommended_core_options()
+    };
+    common::with_sqlite_backend(|backend| {
+        snapshot_races_have_one_winner(Core::start(backend, options))
+    })
+    .await;
+}
