@@ -3,7 +3,7 @@
 //! Every gateway subscribes once per document it has clients for; whatever one gateway
 //! publishes, the others receive. Ordering, de-duplication and gap repair are not the bus's job
 //! (see [`crate::hub`]): accepted messages carry their per-document sequence number. NATS
-//! implements this ([`crate::nats_bus`]); the embedded binary will use an in-process bus.
+//! implements this ([`crate::nats_bus`]); the embedded binary uses [`crate::local_bus`].
 
 use std::pin::Pin;
 use std::sync::Arc;

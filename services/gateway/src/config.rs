@@ -1,9 +1,19 @@
 //! The one configuration of `secsync-gateway`: flags, each also an environment variable.
+//!
+//! [`SessionArgs`] holds everything about serving WebSocket clients (access control, limits,
+//! fan-out tuning, logging); the embedded `secsync` binary flattens the same struct into its
+//! own configuration, so both binaries take the same flags with the same defaults.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, ValueEnum};
+
+use crate::auth::{Authorizer, OpenAccess};
+use crate::gateway::Limits;
+use crate::hub::HubOptions;
+use secsync_protocol::ParseOptions;
 
 /// The secsync WebSocket gateway: speaks the secsync protocol to clients, stores through the
 /// persistence service and fans out through NATS.
@@ -38,6 +48,13 @@ pub struct Config {
     #[arg(long, env = "SECSYNC_NATS_PASSWORD", hide_env_values = true)]
     pub nats_password: Option<String>,
 
+    #[command(flatten)]
+    pub sessions: SessionArgs,
+}
+
+/// How WebSocket clients are served: shared by `secsync-gateway` and the embedded `secsync`.
+#[derive(Debug, Clone, Args)]
+pub struct SessionArgs {
     /// Access control mode.
     #[arg(long, env = "SECSYNC_AUTH", value_enum, default_value = "open")]
     pub auth: AuthMode,
@@ -102,6 +119,42 @@ pub struct Config {
     /// Log format: `human` or `json`.
     #[arg(long, env = "SECSYNC_LOG_FORMAT", default_value = "human")]
     pub log_format: String,
+}
+
+impl SessionArgs {
+    /// The per-connection limits these flags describe.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_frame_bytes: self.max_frame_bytes,
+            rate_per_second: self.rate_per_second,
+            rate_burst: self.rate_burst,
+            max_connections: self.max_connections,
+            send_queue: self.send_queue,
+            write_retry: seconds(self.write_retry_seconds),
+            ping_every: seconds(self.ping_seconds).max(Duration::from_secs(1)),
+            first_delivery_hold: Duration::from_millis(self.first_delivery_hold_ms),
+            parse_options: ParseOptions {
+                allow_extra_public_data_fields: self.allow_extra_public_data,
+            },
+        }
+    }
+
+    /// The access control these flags select.
+    pub fn authorizer(&self) -> Arc<dyn Authorizer> {
+        match self.auth {
+            AuthMode::Open => Arc::new(OpenAccess),
+        }
+    }
+
+    /// The fan-out tuning these flags describe.
+    pub fn hub_options(&self) -> HubOptions {
+        HubOptions {
+            inbox_capacity: self.send_queue,
+            gap_timeout: Duration::from_millis(self.gap_timeout_ms),
+            head_check_every: seconds(self.head_check_seconds).max(Duration::from_millis(100)),
+            inline_max: self.bus_inline_max,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -3,7 +3,8 @@
 //! * [`server`]: HTTP surface (WebSocket endpoint, health, readiness) and the drain.
 //! * [`session`]: one connection — opening sequence, frames in arrival order, delivery.
 //! * [`hub`]: per-document fan-out in sequence order with gap repair.
-//! * Seams: [`store`] (persistence; [`grpc_store`]), [`bus`] (fan-out; [`nats_bus`]),
+//! * Seams: [`store`] (persistence; [`grpc_store`]), [`bus`] (fan-out; [`nats_bus`], and
+//!   [`local_bus`] inside one process),
 //!   [`auth`] (access control).
 //! * [`gateway`]: shared state; [`config`]: the binary's flags.
 
@@ -13,6 +14,7 @@ pub mod config;
 pub mod gateway;
 pub mod grpc_store;
 pub mod hub;
+pub mod local_bus;
 pub mod nats_bus;
 pub mod server;
 pub mod session;

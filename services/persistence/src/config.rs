@@ -1,8 +1,13 @@
 //! The one configuration of `secsync-persistence`: flags, each also an environment variable.
+//!
+//! [`CoreArgs`] tunes the persistence core; the embedded `secsync` binary, which runs the same
+//! core in-process, flattens it into its own configuration.
 
 use std::net::SocketAddr;
 
-use clap::Parser;
+use clap::{Args, Parser};
+
+use crate::CoreOptions;
 
 /// The secsync persistence service: validates ordering and stores snapshots and updates in
 /// Postgres, serving gateways over gRPC.
@@ -29,6 +34,17 @@ pub struct Config {
     #[arg(long, env = "SECSYNC_MAX_MESSAGE_BYTES", default_value_t = 32 * 1024 * 1024 + 64 * 1024)]
     pub max_message_bytes: usize,
 
+    #[command(flatten)]
+    pub core: CoreArgs,
+
+    /// Log format: `human` or `json`.
+    #[arg(long, env = "SECSYNC_LOG_FORMAT", default_value = "human")]
+    pub log_format: String,
+}
+
+/// How the persistence core runs: shared by `secsync-persistence` and the embedded `secsync`.
+#[derive(Debug, Clone, Args)]
+pub struct CoreArgs {
     /// Check every new snapshot's parentSnapshotProof (PROTOCOL.md 7.10).
     #[arg(long, env = "SECSYNC_VERIFY_PARENT_PROOF", default_value_t = true, action = clap::ArgAction::Set)]
     pub verify_parent_proof: bool,
@@ -37,11 +53,22 @@ pub struct Config {
     #[arg(long, env = "SECSYNC_BATCH_MAX", default_value_t = 256)]
     pub batch_max: usize,
 
-    /// Transactions in flight at once.
-    #[arg(long, env = "SECSYNC_BATCH_WORKERS", default_value_t = 2)]
-    pub batch_workers: usize,
+    /// Transactions in flight at once (default: 2 on Postgres, 1 on SQLite, which has one
+    /// writer).
+    #[arg(long, env = "SECSYNC_BATCH_WORKERS")]
+    pub batch_workers: Option<usize>,
+}
 
-    /// Log format: `human` or `json`.
-    #[arg(long, env = "SECSYNC_LOG_FORMAT", default_value = "human")]
-    pub log_format: String,
+impl CoreArgs {
+    /// The core's options; `defaults` carries what the backend recommends.
+    pub fn core_options(&self, defaults: CoreOptions) -> CoreOptions {
+        CoreOptions {
+            rules: secsync_protocol::RuleOptions {
+                verify_parent_proof: self.verify_parent_proof,
+            },
+            max_batch: self.batch_max,
+            workers: self.batch_workers.unwrap_or(defaults.workers),
+            ..defaults
+        }
+    }
 }

@@ -17,14 +17,7 @@ async fn main() -> anyhow::Result<()> {
             ..PgSettings::default()
         },
     )?;
-    let options = CoreOptions {
-        rules: secsync_protocol::RuleOptions {
-            verify_parent_proof: config.verify_parent_proof,
-        },
-        max_batch: config.batch_max,
-        workers: config.batch_workers,
-        ..CoreOptions::default()
-    };
+    let options = config.core.core_options(CoreOptions::default());
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(listen = %listener.local_addr()?, "secsync-persistence starting");
     serve(
