@@ -61,14 +61,17 @@ persistence=$(tests/stack.sh start-persistence "$stack" "postgres://postgres@127
 gw0=$(tests/stack.sh start-gateway "$stack" gw0 "$persistence")
 gw1=$(tests/stack.sh start-gateway "$stack" gw1 "$persistence")
 restart0="'$root/tests/stack.sh' restart-gateway '$stack' gw0"
+# The embedded single-process binary, on SQLite in a fresh data directory.
+embedded=$(tests/stack.sh start-embedded "$stack" embedded "$stack/embedded-data")
+restart_embedded="'$root/tests/stack.sh' restart-gateway '$stack' embedded"
 
 passed=0
 failed=0
 run_suite() {
-  local label=$1 endpoints=$2 out
+  local label=$1 endpoints=$2 restart=$3 out
   echo "-- target: $label"
   out=$(mktemp)
-  SECSYNC_E2E_ENDPOINTS="$endpoints" SECSYNC_E2E_RESTART_CMD_0="$restart0" SECSYNC_E2E_FAIL_ON_SKIP=1 SECSYNC_E2E_RUST_PEER="$root/target/release/secsync-yrs-peer" \
+  SECSYNC_E2E_ENDPOINTS="$endpoints" SECSYNC_E2E_RESTART_CMD_0="$restart" SECSYNC_E2E_FAIL_ON_SKIP=1 SECSYNC_E2E_RUST_PEER="$root/target/release/secsync-yrs-peer" \
     node tests/e2e/run.mjs 2>"$out.err" | tee "$out" || true
   local line
   line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$out" | tail -1)
@@ -87,8 +90,9 @@ log "Rust client against the gateway"
 SECSYNC_CLIENT_TEST_ENDPOINT="$gw1" cargo test -p secsync-client --release --locked --test reference -- --ignored
 
 log "end-to-end suite with the published JavaScript client"
-run_suite "persistence + one gateway" "$gw0"
-run_suite "persistence + two gateways" "$gw0,$gw1"
+run_suite "persistence + one gateway" "$gw0" "$restart0"
+run_suite "persistence + two gateways" "$gw0,$gw1" "$restart0"
+run_suite "embedded single process (SQLite)" "$embedded" "$restart_embedded"
 
 echo "e2e: $passed passed, $failed failed"
 [ "$failed" = 0 ]

@@ -5,7 +5,9 @@
 #
 #   tests/stack.sh start-persistence DIR DATABASE_URL          prints http://127.0.0.1:PORT
 #   tests/stack.sh start-gateway DIR NAME PERSISTENCE_URL [PORT]  prints ws://127.0.0.1:PORT
+#   tests/stack.sh start-embedded DIR NAME DATA_DIR [PORT]     the single-process `secsync`; prints ws://…
 #   tests/stack.sh restart-gateway DIR NAME                     SIGTERM, wait, start on the same port
+#                                                               (a gateway or an embedded process)
 #   tests/stack.sh stop DIR                                     stops everything started in DIR
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -59,12 +61,12 @@ stop_pid() {
   rm -f "$pidfile"
 }
 
-start_gateway() {
-  local name=$1 persistence=$2 port=$3
-  echo "$persistence" >"$dir/$name.persistence"
-  SECSYNC_LOG_FORMAT=json RUST_LOG=${RUST_LOG:-info} nohup "$bin/secsync-gateway" \
-    --listen "127.0.0.1:$port" --persistence "$persistence" --nats "${SECSYNC_NATS_URL:-nats://127.0.0.1:4222}" \
-    --auth open --drain-seconds 10 >>"$dir/$name.log" 2>&1 </dev/null &
+# Starts relay process NAME (the command follows), waits until it listens and is ready, prints
+# its ws:// URL.
+launch() {
+  local name=$1
+  shift
+  SECSYNC_LOG_FORMAT=json RUST_LOG=${RUST_LOG:-info} nohup "$@" >>"$dir/$name.log" 2>&1 </dev/null &
   echo $! >"$dir/$name.pid"
   local bound
   bound=$(wait_for_port "$dir/$name.log" "$(cat "$dir/$name.pid")")
@@ -73,7 +75,35 @@ start_gateway() {
   echo "ws://127.0.0.1:$bound"
 }
 
+start_gateway() {
+  local name=$1 persistence=$2 port=$3
+  echo "$persistence" >"$dir/$name.persistence"
+  launch "$name" "$bin/secsync-gateway" --listen "127.0.0.1:$port" --persistence "$persistence" \
+    --nats "${SECSYNC_NATS_URL:-nats://127.0.0.1:4222}" --auth open --drain-seconds 10
+}
+
+start_embedded() {
+  local name=$1 data=$2 port=$3
+  echo "embedded $data" >"$dir/$name.persistence"
+  launch "$name" "$bin/secsync" --listen "127.0.0.1:$port" --data-dir "$data" --drain-seconds 10
+}
+
+# Starts NAME again the way it was started first.
+start_again() {
+  local name=$1 port=$2 upstream
+  upstream=$(cat "$dir/$name.persistence")
+  case "$upstream" in
+    "embedded "*) start_embedded "$name" "${upstream#embedded }" "$port" ;;
+    *) start_gateway "$name" "$upstream" "$port" ;;
+  esac
+}
+
 case "$cmd" in
+  start-embedded)
+    name=${3:?NAME required}
+    : >"$dir/$name.log"
+    start_embedded "$name" "${4:?DATA_DIR required}" "${5:-0}"
+    ;;
   start-persistence)
     url=${3:?DATABASE_URL required}
     : >"$dir/persistence.log"
@@ -95,7 +125,7 @@ case "$cmd" in
     # Keep the old log lines; the new process logs its address again.
     mv "$dir/$name.log" "$dir/$name.log.$(date +%s%N)"
     : >"$dir/$name.log"
-    start_gateway "$name" "$(cat "$dir/$name.persistence")" "$port" >/dev/null
+    start_again "$name" "$port" >/dev/null
     ;;
   stop)
     for pidfile in "$dir"/*.pid; do
