@@ -57,6 +57,11 @@ pub struct CoreArgs {
     /// writer).
     #[arg(long, env = "SECSYNC_BATCH_WORKERS")]
     pub batch_workers: Option<usize>,
+
+    /// MiB of documents kept in memory to serve loads without reading every update again
+    /// (0 turns it off).
+    #[arg(long, env = "SECSYNC_LOAD_CACHE_MIB", default_value_t = 256)]
+    pub load_cache_mib: usize,
 }
 
 impl CoreArgs {
@@ -68,6 +73,7 @@ impl CoreArgs {
             },
             max_batch: self.batch_max,
             workers: self.batch_workers.unwrap_or(defaults.workers),
+            load_cache_bytes: self.load_cache_mib.saturating_mul(1024 * 1024),
             ..defaults
         }
     }

@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::backend::{
     Backend, BackendError, DocumentHead, ReadTx, SnapshotRow, StoredEvent, UpdateRow, WriteTx,
 };
+use crate::load_cache::{Accepted, LoadCache};
 
 /// Tuning and rule switches of the core.
 #[derive(Debug, Clone, Copy)]
@@ -40,6 +41,8 @@ pub struct CoreOptions {
     pub queue_capacity: usize,
     /// Documents whose rule state is kept between batches.
     pub state_cache_capacity: usize,
+    /// Bytes of documents kept in memory for loads (0: none); see [`crate::load_cache`].
+    pub load_cache_bytes: usize,
 }
 
 impl Default for CoreOptions {
@@ -52,6 +55,7 @@ impl Default for CoreOptions {
             workers: 2,
             queue_capacity: 4096,
             state_cache_capacity: 10_000,
+            load_cache_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -121,6 +125,7 @@ struct Inner<B> {
     options: CoreOptions,
     /// Rule state by document, valid while the document's head sequence is unchanged.
     states: Mutex<HashMap<DocumentId, (u64, DocumentState)>>,
+    loads: LoadCache,
 }
 
 impl<B: Backend> Core<B> {
@@ -131,6 +136,7 @@ impl<B: Backend> Core<B> {
             backend,
             options,
             states: Mutex::new(HashMap::new()),
+            loads: LoadCache::new(options.load_cache_bytes),
         });
         let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
         for _ in 0..options.workers.max(1) {
@@ -221,19 +227,34 @@ impl<B: Backend> Core<B> {
             ..LoadedDocument::default()
         };
         if let Some(active) = &head.active_snapshot_id {
-            if plan.include_snapshot {
-                loaded.snapshot =
-                    Some(tx.snapshot_body(doc, active).await?.ok_or_else(|| {
-                        CoreError::Internal("active snapshot row missing".into())
-                    })?);
+            let select = |key: &str, clock| plan.updates.wants(key, clock);
+            let cache = &self.inner.loads;
+            if let Some((snapshot, updates)) =
+                cache.get(doc, head.head_seq, active, plan.include_snapshot, select)
+            {
+                loaded.snapshot = snapshot;
+                loaded.updates = updates;
+            } else {
+                if plan.include_snapshot {
+                    loaded.snapshot =
+                        Some(tx.snapshot_body(doc, active).await?.ok_or_else(|| {
+                            CoreError::Internal("active snapshot row missing".into())
+                        })?);
+                }
+                let updates = tx.updates(doc, active).await?;
+                cache.put(
+                    doc,
+                    head.head_seq,
+                    active,
+                    loaded.snapshot.as_deref(),
+                    &updates,
+                );
+                loaded.updates = updates
+                    .into_iter()
+                    .filter(|u| select(&u.pub_key, u.clock))
+                    .map(|u| u.body)
+                    .collect();
             }
-            loaded.updates = tx
-                .updates(doc, active)
-                .await?
-                .into_iter()
-                .filter(|u| plan.updates.wants(&u.pub_key, u.clock))
-                .map(|u| u.body)
-                .collect();
         }
         loaded.chain = match plan.chain {
             ChainPlan::Omit => None,
@@ -379,6 +400,7 @@ impl<B: Backend> Inner<B> {
             tx.set_heads(&heads).await?;
         }
         tx.commit().await?;
+        self.advance_loads(works, &outcomes, &heads, &new_states);
         self.remember_states(new_states);
         Ok(outcomes
             .into_iter()
@@ -498,6 +520,46 @@ impl<B: Backend> Inner<B> {
             )));
         }
         Ok(Outcome::Accepted { sequence: *seq })
+    }
+
+    /// Brings the load cache along with what this batch committed: per changed document, the
+    /// newly accepted messages in sequence order (a retried request's earlier acceptance is
+    /// not new: its sequence is at or below the old head).
+    fn advance_loads(
+        &self,
+        works: &[Work],
+        outcomes: &[Option<Outcome>],
+        old_heads: &HashMap<DocumentId, DocumentHead>,
+        new_states: &[(&DocumentId, DocumentHead, DocumentState)],
+    ) {
+        for (doc, new_head, _) in new_states {
+            let from = old_heads.get(*doc).map_or(0, |h| h.head_seq);
+            let mut seen = from;
+            let accepted = works.iter().zip(outcomes).filter_map(|(work, outcome)| {
+                let Some(Outcome::Accepted { sequence }) = outcome else {
+                    return None;
+                };
+                // Within a document, outcomes are in sequence order; duplicates of one request
+                // share a sequence number.
+                if work.doc != **doc || *sequence <= seen {
+                    return None;
+                }
+                seen = *sequence;
+                Some(match &work.message {
+                    Message::Snapshot(m) => Accepted::Snapshot {
+                        id: &m.snapshot_id,
+                        body: m.signed.body(),
+                    },
+                    Message::Update(m) => Accepted::Update {
+                        snapshot: &m.ref_snapshot_id,
+                        pub_key: m.signed.pub_key().as_str(),
+                        clock: m.clock,
+                        body: m.signed.body(),
+                    },
+                })
+            });
+            self.loads.advance(doc, from, new_head.head_seq, accepted);
+        }
     }
 
     fn cached_state(&self, doc: &DocumentId, head_seq: u64) -> Option<DocumentState> {

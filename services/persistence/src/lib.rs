@@ -5,6 +5,7 @@
 //! * [`backend`]: the storage interface the core runs on; [`postgres`] (the service, several
 //!   replicas on one database) and [`sqlite`] (the embedded single-node binary, one local file)
 //!   implement it.
+//! * [`load_cache`]: documents kept in memory for loads, current as the core commits.
 //! * [`grpc`]: the thin gRPC layer over the core (`proto/secsync/persistence/v1`).
 //! * [`config`]: the binary's flags and environment variables.
 //!
@@ -14,6 +15,7 @@ pub mod backend;
 pub mod config;
 pub mod core;
 pub mod grpc;
+pub mod load_cache;
 pub mod postgres;
 pub mod sqlite;
 

@@ -577,3 +577,76 @@ async fn throughput_by_worker_count() {
         backend.close().await;
     }
 }
+
+/// A measurement, not a check: `cargo test -p secsync-persistence --release --test core_sqlite
+/// -- --ignored --nocapture load_time`. The core's load of a document of one snapshot and
+/// 10,000 updates, complete and delta with everything known (the embedded bench measures the
+/// same over WebSocket).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run by hand"]
+async fn load_time_of_a_large_document() {
+    const UPDATES: u64 = 10_000;
+    let dir = ScratchDir::new();
+    let backend = sqlite_backend(&dir.database()).await;
+    let core = Core::start(backend.clone(), recommended_core_options());
+    let d = doc("large");
+    core.load(&d, &LoadRequest::default(), true).await.unwrap();
+    let s = Author::new(250).snapshot("large", "S1", None, &[]);
+    accepted(
+        core.submit(d.clone(), Kind::Snapshot, &s.body, None)
+            .await
+            .unwrap(),
+    );
+    let author = Author::new(1);
+    let bodies: Vec<String> = (0..UPDATES)
+        .map(|c| author.update("large", "S1", c))
+        .collect();
+    // Each submission is polled once as it is made, which queues it, so the queue keeps clock
+    // order (join_all alone may first poll them in any order). Windows stay below tokio's
+    // cooperative budget (128), past which a send would return pending instead of queueing.
+    for window in bodies.chunks(100) {
+        let mut submits = Vec::new();
+        for body in window {
+            let mut submit = Box::pin(core.submit(d.clone(), Kind::Update, body, None));
+            assert!(futures::poll!(&mut submit).is_pending());
+            submits.push(submit);
+        }
+        for (i, outcome) in futures::future::join_all(submits)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            assert!(
+                matches!(outcome, Ok(Outcome::Accepted { .. })),
+                "{i}: {outcome:?}"
+            );
+        }
+    }
+    let delta = LoadRequest {
+        mode: secsync_protocol::LoadMode::Delta,
+        known_snapshot_id: Some(SnapshotId::parse("S1").unwrap()),
+        known_clocks: [(
+            author.pub_key.clone(),
+            secsync_protocol::Clock::new(UPDATES - 1).unwrap(),
+        )]
+        .into_iter()
+        .collect(),
+    };
+    for (label, request) in [("complete", LoadRequest::default()), ("delta", delta)] {
+        let mut times: Vec<Duration> = Vec::new();
+        for _ in 0..30 {
+            let started = Instant::now();
+            let loaded = core.load(&d, &request, false).await.unwrap();
+            times.push(started.elapsed());
+            assert!(loaded.found);
+        }
+        times.sort();
+        println!(
+            "sqlite core load, {label}, 1 snapshot + {UPDATES} updates: p50 {:?}, min {:?}",
+            times[times.len() / 2],
+            times[0]
+        );
+    }
+    drop(core);
+    backend.close().await;
+}

@@ -445,6 +445,111 @@ async fn retried_requests_return_the_first_result<B: Backend>(core: Core<B>) {
     assert_eq!(core.heads(std::slice::from_ref(&d)).await.unwrap()[&d], 2);
 }
 
+/// Loads served from the load cache equal loads read from the database, while another replica
+/// (a second core on the same database, with its own cache) writes the same document: updates,
+/// a snapshot rotation, a retried request, delta and chain loads.
+async fn cached_loads_match_the_database_beside_another_replica<B: Backend + Clone>(core: Core<B>) {
+    let replica = Core::start(core.backend().clone(), CoreOptions::default());
+    let reference = Core::start(
+        core.backend().clone(),
+        CoreOptions {
+            load_cache_bytes: 0,
+            ..CoreOptions::default()
+        },
+    );
+    let (a, b) = (Author::new(1), Author::new(2));
+    let d = doc("d");
+    let requests = [
+        LoadRequest::default(),
+        load_request(LoadMode::Delta, Some("S1"), &[(&a, 1)]),
+        load_request(LoadMode::Delta, Some("S2"), &[(&b, 0)]),
+        load_request(LoadMode::Complete, Some("S1"), &[]),
+    ];
+    let same = |step: &'static str| {
+        let (core, reference, d, requests) = (&core, &reference, &d, &requests);
+        async move {
+            for request in requests {
+                // Twice: the first may fill the cache, the second is served from it.
+                for _ in 0..2 {
+                    assert_eq!(
+                        core.load(d, request, false).await.unwrap(),
+                        reference.load(d, request, false).await.unwrap(),
+                        "{step}: {request:?}"
+                    );
+                }
+            }
+        }
+    };
+    core.load(&d, &LoadRequest::default(), true).await.unwrap();
+    let s1 = a.snapshot("d", "S1", None, &[]);
+    accepted(
+        core.submit(d.clone(), Kind::Snapshot, &s1.body, None)
+            .await
+            .unwrap(),
+    );
+    for clock in 0..3 {
+        let update = a.update("d", "S1", clock);
+        accepted(
+            core.submit(d.clone(), Kind::Update, &update, None)
+                .await
+                .unwrap(),
+        );
+    }
+    same("own writes").await;
+    for clock in 3..5 {
+        let update = a.update("d", "S1", clock);
+        accepted(
+            replica
+                .submit(d.clone(), Kind::Update, &update, None)
+                .await
+                .unwrap(),
+        );
+    }
+    // No load in between: the next commit here starts from a head this core's cache has not
+    // seen, and must not extend its stale entry.
+    let update = b.update("d", "S1", 0);
+    let id = Some("gw/1/1".to_owned());
+    accepted(
+        core.submit(d.clone(), Kind::Update, &update, id.clone())
+            .await
+            .unwrap(),
+    );
+    // A retry of a committed request adds nothing, in the cache either.
+    accepted(
+        core.submit(d.clone(), Kind::Update, &update, id)
+            .await
+            .unwrap(),
+    );
+    same("the replica's writes, a local write and a retry").await;
+    let s2 = b.snapshot("d", "S2", Some(&s1), &[(&a, 4), (&b, 0)]);
+    accepted(
+        replica
+            .submit(d.clone(), Kind::Snapshot, &s2.body, None)
+            .await
+            .unwrap(),
+    );
+    same("the replica's snapshot").await;
+    let update = b.update("d", "S2", 0);
+    accepted(
+        core.submit(d.clone(), Kind::Update, &update, None)
+            .await
+            .unwrap(),
+    );
+    let s3 = a.snapshot("d", "S3", Some(&s2), &[(&b, 0)]);
+    accepted(
+        core.submit(d.clone(), Kind::Snapshot, &s3.body, None)
+            .await
+            .unwrap(),
+    );
+    let update = a.update("d", "S3", 0);
+    accepted(
+        core.submit(d.clone(), Kind::Update, &update, None)
+            .await
+            .unwrap(),
+    );
+    same("own snapshot and updates").await;
+}
+
 /// 20 writers on one document and 100 documents at once: no valid update rejected, sequence
 /// numbers contiguous, per-author clocks contiguous.
 async fn concurrent_writers_are_never_rejected<B: Backend>(core: Core<B>) {
@@ -599,6 +704,7 @@ on_each_backend! {
     #[tokio::test] clock_rules,
     #[tokio::test] snapshot_rules_and_recovery_loads,
     #[tokio::test] retried_requests_return_the_first_result,
+    #[tokio::test] cached_loads_match_the_database_beside_another_replica,
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)] concurrent_writers_are_never_rejected,
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)] snapshot_races_have_one_winner,
 }
