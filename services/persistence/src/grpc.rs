@@ -350,8 +350,11 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service)
+        // tonic's own nodelay setting applies only to listeners it binds itself. Without it an
+        // answer's trailers wait for the client's delayed ACK of its headers: a 40 ms stall that
+        // was the p99 of every load (BENCHMARKS.md).
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
         )
         .await?;

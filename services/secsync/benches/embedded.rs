@@ -207,9 +207,10 @@ async fn write(
         if text.starts_with("{\"type\":\"update-saved\"") {
             latencies.push(in_flight.pop_front().unwrap().elapsed());
         } else {
+            // Another writer's update, relayed as stored plus its type.
             assert!(
-                text.starts_with("{\"type\":\"update\""),
-                "unexpected: {text}"
+                text.ends_with(",\"type\":\"update\"}"),
+                "unexpected: {text:.200}"
             );
         }
     }
