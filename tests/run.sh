@@ -39,6 +39,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 log "build (release: the tests and the binaries the end-to-end suite starts)"
 cargo build --workspace --release --locked --bins --tests
 
+log "deployment files: Kubernetes overlays, compose file, drift against the binaries' flags"
+tests/deploy-check.sh "$CARGO_TARGET_DIR/release"
+
 log "unit, vector, property and integration tests"
 cargo test --workspace --release --locked
 
