@@ -13,7 +13,7 @@ use secsync_gateway::nats_bus::{NatsBus, NatsOptions};
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     let sessions = &config.sessions;
-    secsync_telemetry::init(&sessions.log_format);
+    let telemetry = secsync_telemetry::init("secsync-gateway", &sessions.log_format);
     let store = GrpcStore::new(&GrpcStoreOptions {
         url: config.persistence.clone(),
         max_message_bytes: sessions.max_frame_bytes + 64 * 1024,
@@ -44,5 +44,6 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     tracing::info!("secsync-gateway stopped");
+    telemetry.flush().await;
     Ok(())
 }

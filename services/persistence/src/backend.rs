@@ -79,6 +79,9 @@ pub trait Backend: Send + Sync + 'static {
     type Write: WriteTx;
     type Read: ReadTx;
 
+    /// The database's name in OpenTelemetry's `db.system.name` (`postgresql`, `sqlite`).
+    const DB_SYSTEM: &'static str;
+
     /// Creates the listed documents when they do not exist (its own short transaction).
     fn ensure_documents(
         &self,

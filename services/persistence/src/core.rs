@@ -28,6 +28,9 @@ use crate::backend::{
     Backend, BackendError, DocumentHead, ReadTx, SnapshotRow, StoredEvent, UpdateRow, WriteTx,
 };
 use crate::load_cache::{Accepted, LoadCache};
+use crate::metrics::Metrics;
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 /// Tuning and rule switches of the core.
 #[derive(Debug, Clone, Copy)]
@@ -101,6 +104,8 @@ struct BatchState<'w> {
 struct Job {
     work: Work,
     reply: oneshot::Sender<Result<Outcome, CoreError>>,
+    /// The submitter's span: the batch span links to it, so each trace shows its commit.
+    span: tracing::Span,
 }
 
 /// The persistence core. Cheap to clone; all clones share the queue and workers.
@@ -126,6 +131,7 @@ struct Inner<B> {
     /// Rule state by document, valid while the document's head sequence is unchanged.
     states: Mutex<HashMap<DocumentId, (u64, DocumentState)>>,
     loads: LoadCache,
+    metrics: Metrics,
 }
 
 impl<B: Backend> Core<B> {
@@ -137,6 +143,7 @@ impl<B: Backend> Core<B> {
             options,
             states: Mutex::new(HashMap::new()),
             loads: LoadCache::new(options.load_cache_bytes),
+            metrics: Metrics::new(),
         });
         let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
         for _ in 0..options.workers.max(1) {
@@ -188,6 +195,7 @@ impl<B: Backend> Core<B> {
                 request_id,
             },
             reply,
+            span: tracing::Span::current(),
         };
         self.queue
             .send(job)
@@ -204,6 +212,22 @@ impl<B: Backend> Core<B> {
         doc: &DocumentId,
         request: &LoadRequest,
         create: bool,
+    ) -> Result<LoadedDocument, CoreError> {
+        let started = std::time::Instant::now();
+        let mut cache_hit = None;
+        let loaded = self.load_at(doc, request, create, &mut cache_hit).await?;
+        self.inner
+            .metrics
+            .load(started.elapsed().as_secs_f64(), cache_hit);
+        Ok(loaded)
+    }
+
+    async fn load_at(
+        &self,
+        doc: &DocumentId,
+        request: &LoadRequest,
+        create: bool,
+        cache_hit: &mut Option<bool>,
     ) -> Result<LoadedDocument, CoreError> {
         let backend = &self.inner.backend;
         let mut tx = backend.begin_read().await?;
@@ -232,9 +256,11 @@ impl<B: Backend> Core<B> {
             if let Some((snapshot, updates)) =
                 cache.get(doc, head.head_seq, active, plan.include_snapshot, select)
             {
+                *cache_hit = Some(true);
                 loaded.snapshot = snapshot;
                 loaded.updates = updates;
             } else {
+                *cache_hit = Some(false);
                 if plan.include_snapshot {
                     loaded.snapshot =
                         Some(tx.snapshot_body(doc, active).await?.ok_or_else(|| {
@@ -308,9 +334,31 @@ impl<B: Backend> Inner<B> {
     }
 
     async fn run(&self, jobs: Vec<Job>) {
+        // One transaction for many traces: the batch span links to every submitter's span.
+        let span = tracing::info_span!(
+            "persistence.batch",
+            otel.name = "COMMIT",
+            db.system.name = B::DB_SYSTEM,
+            db.operation.name = "COMMIT",
+            db.operation.batch.size = jobs.len(),
+        );
+        for job in &jobs {
+            use opentelemetry::trace::TraceContextExt as _;
+            let linked = job.span.context().span().span_context().clone();
+            if linked.is_valid() {
+                span.add_link(linked);
+            }
+        }
+        self.run_batch(jobs).instrument(span).await;
+    }
+
+    async fn run_batch(&self, jobs: Vec<Job>) {
+        let started = std::time::Instant::now();
         let (works, replies): (Vec<Work>, Vec<_>) =
             jobs.into_iter().map(|j| (j.work, j.reply)).unzip();
-        match self.commit_batch(&works).await {
+        let result = self.commit_batch(&works).await;
+        self.record_batch(&works, result.as_ref().ok(), started);
+        match result {
             Ok(outcomes) => {
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(Ok(outcome));
@@ -335,6 +383,28 @@ impl<B: Backend> Inner<B> {
                     let _ = reply.send(result);
                 }
             }
+        }
+    }
+
+    fn record_batch(
+        &self,
+        works: &[Work],
+        outcomes: Option<&Vec<Outcome>>,
+        started: std::time::Instant,
+    ) {
+        let Some(outcomes) = outcomes else { return };
+        self.metrics
+            .batch(works.len(), started.elapsed().as_secs_f64());
+        for (work, outcome) in works.iter().zip(outcomes) {
+            let kind = match work.message {
+                Message::Snapshot(_) => "snapshot",
+                Message::Update(_) => "update",
+            };
+            let result = match outcome {
+                Outcome::Accepted { .. } => "accepted",
+                Outcome::Rejected { reason, .. } => reason.code(),
+            };
+            self.metrics.submission(kind, result);
         }
     }
 

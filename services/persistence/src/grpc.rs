@@ -289,6 +289,34 @@ impl<B: Backend> Persistence for PersistenceService<B> {
     }
 }
 
+/// The span of one call, following OpenTelemetry's RPC conventions, parented to the caller's
+/// trace context from the request metadata. Health and reflection calls get none.
+fn rpc_span(request: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    let path = request.uri().path().trim_start_matches('/');
+    let Some((service, method)) = path.split_once('/') else {
+        return tracing::Span::none();
+    };
+    if service != "secsync.persistence.v1.Persistence" {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        "rpc",
+        otel.name = path,
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = service,
+        rpc.method = method,
+    );
+    secsync_telemetry::propagation::set_parent(&span, |key| {
+        request
+            .headers()
+            .get(key)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned)
+    });
+    span
+}
+
 /// Runs migrations (retrying while the database is down), then serves gRPC with health and
 /// reflection on `listener` until `shutdown` resolves.
 pub async fn serve(
@@ -347,6 +375,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(secsync_rpc::v1::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     tonic::transport::Server::builder()
+        .trace_fn(rpc_span)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service)

@@ -6,6 +6,7 @@
 //!   replicas on one database) and [`sqlite`] (the embedded single-node binary, one local file)
 //!   implement it.
 //! * [`load_cache`]: documents kept in memory for loads, current as the core commits.
+//! * [`metrics`]: the service's OpenTelemetry instruments.
 //! * [`grpc`]: the thin gRPC layer over the core (`proto/secsync/persistence/v1`).
 //! * [`config`]: the binary's flags and environment variables.
 //!
@@ -16,6 +17,7 @@ pub mod config;
 pub mod core;
 pub mod grpc;
 pub mod load_cache;
+pub mod metrics;
 pub mod postgres;
 pub mod sqlite;
 

@@ -9,7 +9,7 @@ use secsync_persistence::CoreOptions;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    secsync_telemetry::init(&config.log_format);
+    let telemetry = secsync_telemetry::init("secsync-persistence", &config.log_format);
     let backend = PgBackend::connect_lazy(
         &config.database_url,
         &PgSettings {
@@ -30,5 +30,6 @@ async fn main() -> anyhow::Result<()> {
     .await
     .map_err(|e| anyhow::anyhow!(e))?;
     tracing::info!("secsync-persistence stopped");
+    telemetry.flush().await;
     Ok(())
 }

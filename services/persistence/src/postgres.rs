@@ -127,6 +127,7 @@ pub struct PgRead(Transaction<'static, Postgres>);
 impl Backend for PgBackend {
     type Write = PgWrite;
     type Read = PgRead;
+    const DB_SYSTEM: &'static str = "postgresql";
 
     async fn ensure_documents(&self, ids: &[&DocumentId]) -> Result<(), BackendError> {
         let mut sorted: Vec<&str> = ids.iter().map(|d| d.as_str()).collect();

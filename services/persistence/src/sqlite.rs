@@ -290,6 +290,7 @@ pub struct SqliteRead(Transaction<'static, Sqlite>);
 impl Backend for SqliteBackend {
     type Write = SqliteWrite;
     type Read = SqliteRead;
+    const DB_SYSTEM: &'static str = "sqlite";
 
     async fn ensure_documents(&self, ids: &[&DocumentId]) -> Result<(), BackendError> {
         let mut sorted: Vec<&str> = ids.iter().map(|d| d.as_str()).collect();

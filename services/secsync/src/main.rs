@@ -6,7 +6,9 @@ use secsync::config::Config;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    secsync_telemetry::init(&config.sessions.log_format);
+    let telemetry = secsync_telemetry::init("secsync", &config.sessions.log_format);
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    secsync::run(config, listener, secsync_telemetry::shutdown_signal()).await
+    let result = secsync::run(config, listener, secsync_telemetry::shutdown_signal()).await;
+    telemetry.flush().await;
+    result
 }
