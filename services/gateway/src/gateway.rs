@@ -82,6 +82,7 @@ impl Gateway {
         path_prefix: String,
     ) -> Arc<Self> {
         let id: Arc<str> = format!("gw-{:016x}", rand::random::<u64>()).into();
+        let store: Arc<dyn Store> = Arc::new(crate::store::Observed::new(store));
         let hub = Hub::new(id.clone(), store.clone(), bus.clone(), hub_options);
         let gateway = Arc::new(Self {
             id,

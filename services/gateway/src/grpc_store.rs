@@ -78,6 +78,16 @@ impl GrpcStore {
     fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
         request.set_timeout(self.call_timeout);
+        // The caller's trace continues in persistence.
+        let metadata = request.metadata_mut();
+        secsync_telemetry::propagation::inject(&tracing::Span::current(), |key, value| {
+            if let (Ok(key), Ok(value)) = (
+                tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
+                value.parse(),
+            ) {
+                metadata.insert(key, value);
+            }
+        });
         request
     }
 }

@@ -6,7 +6,7 @@
 //! * Seams: [`store`] (persistence; [`grpc_store`]), [`bus`] (fan-out; [`nats_bus`], and
 //!   [`local_bus`] inside one process),
 //!   [`auth`] (access control).
-//! * [`gateway`]: shared state; [`config`]: the binary's flags.
+//! * [`gateway`]: shared state; [`config`]: the binary's flags; [`metrics`]: its instruments.
 
 pub mod auth;
 pub mod bus;
@@ -15,6 +15,7 @@ pub mod gateway;
 pub mod grpc_store;
 pub mod hub;
 pub mod local_bus;
+pub mod metrics;
 pub mod nats_bus;
 pub mod server;
 pub mod session;

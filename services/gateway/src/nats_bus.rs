@@ -49,6 +49,7 @@ impl NatsBus {
                     match event {
                         async_nats::Event::Connected => {
                             connected.store(true, Ordering::SeqCst);
+                            crate::metrics::metrics().nats_reconnects.add(1, &[]);
                             resync.send_modify(|n| *n += 1);
                             tracing::info!("NATS connected");
                         }

@@ -77,3 +77,113 @@ pub trait Store: Send + Sync + 'static {
     /// Whether persistence answers now (readiness).
     async fn ready(&self) -> bool;
 }
+
+/// Any store with a span and a duration measurement around every call (the spans are the
+/// gateway's side of a trace into persistence; the gRPC store carries their context along).
+pub struct Observed {
+    inner: std::sync::Arc<dyn Store>,
+}
+
+impl Observed {
+    pub fn new(inner: std::sync::Arc<dyn Store>) -> Self {
+        Self { inner }
+    }
+}
+
+impl std::fmt::Debug for Observed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Observed").finish_non_exhaustive()
+    }
+}
+
+/// Runs `call` in a client span named after the operation and records its duration.
+async fn observe<T>(
+    operation: &'static str,
+    doc: Option<&DocumentId>,
+    call: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    use tracing::Instrument as _;
+    let span = tracing::info_span!(
+        "store",
+        otel.name = operation,
+        otel.kind = "client",
+        rpc.system = "grpc",
+        rpc.service = "secsync.persistence.v1.Persistence",
+        rpc.method = operation,
+        doc = doc.map(DocumentId::as_str),
+    );
+    let started = std::time::Instant::now();
+    let result = call.instrument(span).await;
+    crate::metrics::metrics().store_call(
+        operation,
+        result.is_ok(),
+        started.elapsed().as_secs_f64(),
+    );
+    result
+}
+
+#[async_trait]
+impl Store for Observed {
+    async fn load(
+        &self,
+        doc: &DocumentId,
+        request: &LoadRequest,
+        create: bool,
+    ) -> Result<Loaded, StoreError> {
+        observe(
+            "LoadDocument",
+            Some(doc),
+            self.inner.load(doc, request, create),
+        )
+        .await
+    }
+
+    async fn submit(
+        &self,
+        doc: &DocumentId,
+        kind: SubmitKind,
+        body: &str,
+        request_id: &RequestId,
+    ) -> Result<Submitted, StoreError> {
+        let operation = match kind {
+            SubmitKind::Snapshot => "SubmitSnapshot",
+            SubmitKind::Update => "SubmitUpdate",
+        };
+        observe(
+            operation,
+            Some(doc),
+            self.inner.submit(doc, kind, body, request_id),
+        )
+        .await
+    }
+
+    async fn events_after(
+        &self,
+        doc: &DocumentId,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<Event>, StoreError> {
+        observe(
+            "ReadEvents",
+            Some(doc),
+            self.inner.events_after(doc, after, limit),
+        )
+        .await
+    }
+
+    async fn heads(&self, docs: &[DocumentId]) -> Result<Vec<(DocumentId, u64)>, StoreError> {
+        // Periodic and frequent: measured, but no span per call.
+        let started = std::time::Instant::now();
+        let result = self.inner.heads(docs).await;
+        crate::metrics::metrics().store_call(
+            "GetHeads",
+            result.is_ok(),
+            started.elapsed().as_secs_f64(),
+        );
+        result
+    }
+
+    async fn ready(&self) -> bool {
+        self.inner.ready().await
+    }
+}

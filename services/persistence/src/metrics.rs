@@ -5,6 +5,47 @@
 
 use opentelemetry::metrics::{Counter, Histogram};
 use opentelemetry::KeyValue;
+use secsync_telemetry::instruments::{Kind, Spec};
+
+pub const BATCH_SIZE: Spec = Spec {
+    name: "secsync.persistence.batch.size",
+    unit: "{message}",
+    kind: Kind::Histogram,
+    description: "Messages committed in one transaction",
+};
+pub const COMMIT_DURATION: Spec = Spec {
+    name: "secsync.persistence.commit.duration",
+    unit: "s",
+    kind: Kind::Histogram,
+    description: "Time to run and commit one batch, rules and fsync included",
+};
+pub const SUBMISSIONS: Spec = Spec {
+    name: "secsync.persistence.submissions",
+    unit: "{message}",
+    kind: Kind::Counter,
+    description: "Snapshots and updates submitted, by kind and result",
+};
+pub const LOAD_DURATION: Spec = Spec {
+    name: "secsync.persistence.load.duration",
+    unit: "s",
+    kind: Kind::Histogram,
+    description: "Time to load a document",
+};
+pub const LOAD_CACHE: Spec = Spec {
+    name: "secsync.persistence.load_cache.lookups",
+    unit: "{lookup}",
+    kind: Kind::Counter,
+    description: "Loads served from memory (hit) or read from the database (miss)",
+};
+
+/// Every instrument of the persistence service.
+pub const INSTRUMENTS: [Spec; 5] = [
+    BATCH_SIZE,
+    COMMIT_DURATION,
+    SUBMISSIONS,
+    LOAD_DURATION,
+    LOAD_CACHE,
+];
 
 /// Bucket bounds in seconds for commit and load durations (sub-millisecond to seconds).
 const DURATION_BOUNDS: [f64; 14] = [
@@ -16,7 +57,7 @@ const BATCH_BOUNDS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 25
 
 #[derive(Debug, Clone)]
 pub struct Metrics {
-    batch_size: Histogram<u64>,
+    batch_size: Histogram<f64>,
     commit_duration: Histogram<f64>,
     submissions: Counter<u64>,
     load_duration: Histogram<f64>,
@@ -26,40 +67,32 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let meter = opentelemetry::global::meter("secsync-persistence");
+        let histogram = |spec: Spec, bounds: &[f64]| {
+            meter
+                .f64_histogram(spec.name)
+                .with_unit(spec.unit)
+                .with_description(spec.description)
+                .with_boundaries(bounds.to_vec())
+                .build()
+        };
+        let counter = |spec: Spec| {
+            meter
+                .u64_counter(spec.name)
+                .with_unit(spec.unit)
+                .with_description(spec.description)
+                .build()
+        };
         Self {
-            batch_size: meter
-                .u64_histogram("secsync.persistence.batch.size")
-                .with_unit("{message}")
-                .with_description("Messages committed in one transaction")
-                .with_boundaries(BATCH_BOUNDS.to_vec())
-                .build(),
-            commit_duration: meter
-                .f64_histogram("secsync.persistence.commit.duration")
-                .with_unit("s")
-                .with_description("Time to run and commit one batch, rules and fsync included")
-                .with_boundaries(DURATION_BOUNDS.to_vec())
-                .build(),
-            submissions: meter
-                .u64_counter("secsync.persistence.submissions")
-                .with_unit("{message}")
-                .with_description("Snapshots and updates submitted, by kind and result")
-                .build(),
-            load_duration: meter
-                .f64_histogram("secsync.persistence.load.duration")
-                .with_unit("s")
-                .with_description("Time to load a document")
-                .with_boundaries(DURATION_BOUNDS.to_vec())
-                .build(),
-            load_cache: meter
-                .u64_counter("secsync.persistence.load_cache.lookups")
-                .with_unit("{lookup}")
-                .with_description("Loads served from memory (hit) or read from the database (miss)")
-                .build(),
+            batch_size: histogram(BATCH_SIZE, &BATCH_BOUNDS),
+            commit_duration: histogram(COMMIT_DURATION, &DURATION_BOUNDS),
+            submissions: counter(SUBMISSIONS),
+            load_duration: histogram(LOAD_DURATION, &DURATION_BOUNDS),
+            load_cache: counter(LOAD_CACHE),
         }
     }
 
     pub fn batch(&self, size: usize, seconds: f64) {
-        self.batch_size.record(size as u64, &[]);
+        self.batch_size.record(size as f64, &[]);
         self.commit_duration.record(seconds, &[]);
     }
 

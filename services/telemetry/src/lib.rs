@@ -9,6 +9,8 @@
 //!   (`grpc` or `http/protobuf`), `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
 //!   `OTEL_TRACES_SAMPLER`, `OTEL_METRIC_EXPORT_INTERVAL`, … With no endpoint set nothing is
 //!   exported and the instruments are no-ops; no other code branches on it.
+//! * [`instruments`]: metric instruments as data (name, unit, kind), shared with the checks of
+//!   the dashboards.
 //! * [`propagation`]: W3C trace context into and out of gRPC metadata and NATS headers.
 //! * The one shutdown signal (SIGTERM or Ctrl-C) the binaries wait for, and [`Telemetry::shutdown`]
 //!   which flushes what is buffered.
@@ -17,6 +19,7 @@
 //! and metrics carry document ids only as span attributes (never as metric labels), snapshot
 //! ids, public keys, clocks, sizes, kinds and reason codes.
 
+pub mod instruments;
 pub mod propagation;
 
 use opentelemetry::trace::TracerProvider as _;
