@@ -21,6 +21,15 @@ pub struct Origin {
     pub connection: u64,
 }
 
+/// What travels beside a committed message for observability (in NATS message headers, not
+/// in the payload): the trace it belongs to (W3C `traceparent`/`tracestate`) and when the
+/// sending gateway queued its acknowledgement (Unix microseconds), for fan-out latency.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Trace {
+    pub context: Vec<(String, String)>,
+    pub acked_at_us: u64,
+}
+
 /// What travels on the bus.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BusEvent {
@@ -31,13 +40,14 @@ pub enum BusEvent {
         kind: SubmitKind,
         origin: Origin,
         body: Option<String>,
+        trace: Trace,
     },
     /// An ephemeral message body, never stored.
     Ephemeral { origin: Origin, body: String },
 }
 
 impl BusEvent {
-    /// Compact encoding: one header line, then the body text.
+    /// Compact encoding: one header line, then the body text (the [`Trace`] travels apart).
     pub fn encode(&self) -> Vec<u8> {
         let (header, body) = match self {
             BusEvent::Committed {
@@ -45,6 +55,7 @@ impl BusEvent {
                 kind,
                 origin,
                 body,
+                ..
             } => {
                 let kind = match kind {
                     SubmitKind::Snapshot => 's',
@@ -94,6 +105,7 @@ impl BusEvent {
                         connection,
                     },
                     body: (!by_reference).then(|| body.to_owned()),
+                    trace: Trace::default(),
                 })
             }
             "E" => {
@@ -146,12 +158,14 @@ mod tests {
                 kind: SubmitKind::Update,
                 origin: origin.clone(),
                 body: Some("{\"a\":\"x\ny\"}".into()),
+                trace: Trace::default(),
             },
             BusEvent::Committed {
                 sequence: 43,
                 kind: SubmitKind::Snapshot,
                 origin: origin.clone(),
                 body: None,
+                trace: Trace::default(),
             },
             BusEvent::Ephemeral {
                 origin,

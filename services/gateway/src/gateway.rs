@@ -62,6 +62,8 @@ pub struct Gateway {
     pub connections: Arc<tokio::sync::Semaphore>,
     store_ok: AtomicBool,
     next_connection: AtomicU64,
+    /// Keeps the open-connection count reported.
+    connections_metric: std::sync::OnceLock<opentelemetry::metrics::ObservableUpDownCounter<i64>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -82,7 +84,7 @@ impl Gateway {
         path_prefix: String,
     ) -> Arc<Self> {
         let id: Arc<str> = format!("gw-{:016x}", rand::random::<u64>()).into();
-        let store: Arc<dyn Store> = Arc::new(crate::store::Observed::new(store));
+        let store: Arc<dyn Store> = Arc::new(crate::store::Observed::new(store, id.clone()));
         let hub = Hub::new(id.clone(), store.clone(), bus.clone(), hub_options);
         let gateway = Arc::new(Self {
             id,
@@ -97,7 +99,16 @@ impl Gateway {
             connections: Arc::new(tokio::sync::Semaphore::new(limits.max_connections)),
             store_ok: AtomicBool::new(false),
             next_connection: AtomicU64::new(1),
+            connections_metric: std::sync::OnceLock::new(),
         });
+        let weak = Arc::downgrade(&gateway);
+        let _ = gateway
+            .connections_metric
+            .set(crate::metrics::observe_connections(move || {
+                weak.upgrade().map_or(0, |g| {
+                    i64::try_from(g.open_connections()).unwrap_or(i64::MAX)
+                })
+            }));
         // Readiness follows persistence; probe it in the background.
         let weak = Arc::downgrade(&gateway);
         tokio::spawn(async move {

@@ -13,8 +13,9 @@
 //! is kept by the bus and the channel). Nothing is ever delivered to the connection that sent it.
 //! A session whose inbox is full is dropped from the channel (its inbox closes), never skipped.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
@@ -25,7 +26,7 @@ use secsync_protocol::{
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::bus::{Bus, BusEvent, BusStream, Origin};
+use crate::bus::{Bus, BusEvent, BusStream, Origin, Trace};
 use crate::store::{Store, SubmitKind};
 
 /// Messages waiting to be published on the bus.
@@ -67,7 +68,7 @@ pub struct Delivery {
 enum Input {
     Join {
         connection: u64,
-        inbox: mpsc::Sender<Delivery>,
+        inbox: InboxSender,
     },
     Leave {
         connection: u64,
@@ -117,7 +118,113 @@ pub struct Membership {
     doc: DocumentId,
     connection: u64,
     /// What the channel delivers to this session, in order.
-    pub inbox: mpsc::Receiver<Delivery>,
+    pub inbox: Inbox,
+}
+
+/// One session's bounded queue of deliveries. Unlike a tokio channel (which allocates a block
+/// of 32 slots up front) it holds no storage while empty: most connections idle most of the
+/// time, and their memory is what limits a gateway's connection count.
+#[derive(Debug)]
+pub struct Inbox {
+    shared: Arc<Mutex<InboxState>>,
+}
+
+#[derive(Debug, Default)]
+struct InboxState {
+    queue: VecDeque<Delivery>,
+    /// The channel let go of this session (it left, the channel ended, or the queue was full).
+    closed: bool,
+    waker: Option<Waker>,
+}
+
+/// The channel's end of an [`Inbox`]; dropping it closes the inbox.
+struct InboxSender {
+    shared: Arc<Mutex<InboxState>>,
+    capacity: usize,
+}
+
+fn inbox(capacity: usize) -> (InboxSender, Inbox) {
+    let shared = Arc::new(Mutex::new(InboxState::default()));
+    (
+        InboxSender {
+            shared: shared.clone(),
+            capacity: capacity.max(1),
+        },
+        Inbox { shared },
+    )
+}
+
+fn lock_inbox(shared: &Mutex<InboxState>) -> std::sync::MutexGuard<'_, InboxState> {
+    shared
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl InboxSender {
+    /// Queues a delivery; `false` when the queue is full (the caller then drops this sender).
+    fn try_send(&self, delivery: Delivery) -> bool {
+        let mut state = lock_inbox(&self.shared);
+        if state.closed || state.queue.len() >= self.capacity {
+            return false;
+        }
+        state.queue.push_back(delivery);
+        let waker = state.waker.take();
+        drop(state);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        true
+    }
+}
+
+impl Drop for InboxSender {
+    fn drop(&mut self) {
+        let mut state = lock_inbox(&self.shared);
+        state.closed = true;
+        let waker = state.waker.take();
+        drop(state);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+impl Inbox {
+    /// The next delivery; `None` once the channel let go of this session and everything queued
+    /// before that was taken.
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        let mut state = lock_inbox(&self.shared);
+        if let Some(delivery) = state.queue.pop_front() {
+            // Drained: give the storage back (most sessions are idle most of the time).
+            if state.queue.is_empty() {
+                state.queue = VecDeque::new();
+            }
+            return Poll::Ready(Some(delivery));
+        }
+        if state.closed {
+            return Poll::Ready(None);
+        }
+        if !state
+            .waker
+            .as_ref()
+            .is_some_and(|waker| waker.will_wake(cx.waker()))
+        {
+            state.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// See [`Inbox::poll_recv`].
+    pub async fn recv(&mut self) -> Option<Delivery> {
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+}
+
+impl Membership {
+    /// The document this session is a member of.
+    pub fn doc(&self) -> &DocumentId {
+        &self.doc
+    }
 }
 
 impl Drop for Membership {
@@ -180,11 +287,14 @@ impl Hub {
     /// Joins a document's channel (starting it if needed). Register before loading: every
     /// message accepted after the load then reaches the inbox.
     pub fn join(&self, doc: &DocumentId, connection: u64) -> Membership {
-        let (sender, inbox) = mpsc::channel(self.inner.options.inbox_capacity);
+        let (sender, inbox) = inbox(self.inner.options.inbox_capacity);
         let mut channels = self.lock();
-        let entry = channels.entry(doc.clone()).or_insert_with(|| ChannelEntry {
-            input: self.spawn_channel(doc.clone()),
-            members: 0,
+        let entry = channels.entry(doc.clone()).or_insert_with(|| {
+            crate::metrics::metrics().documents.add(1, &[]);
+            ChannelEntry {
+                input: self.spawn_channel(doc.clone()),
+                members: 0,
+            }
         });
         entry.members += 1;
         let _ = entry.input.send(Input::Join {
@@ -215,6 +325,14 @@ impl Hub {
         body: &str,
     ) {
         let origin = self.origin(connection);
+        // The receiving gateways continue the sender's trace and measure from now.
+        let mut trace = Trace {
+            context: Vec::new(),
+            acked_at_us: crate::metrics::unix_micros(),
+        };
+        secsync_telemetry::propagation::inject(&tracing::Span::current(), |key, value| {
+            trace.context.push((key.to_owned(), value));
+        });
         self.send(
             doc,
             Input::Local(BusEvent::Committed {
@@ -222,6 +340,7 @@ impl Hub {
                 kind,
                 origin: origin.clone(),
                 body: Some(body.to_owned()),
+                trace: Trace::default(),
             }),
         );
         let inline = body.len() <= self.inner.options.inline_max;
@@ -232,6 +351,7 @@ impl Hub {
                 kind,
                 origin,
                 body: inline.then(|| body.to_owned()),
+                trace,
             },
         );
     }
@@ -287,6 +407,7 @@ impl Hub {
             if entry.members == 0 {
                 // Dropping the sender ends the channel task and its subscription.
                 channels.remove(doc);
+                crate::metrics::metrics().documents.add(-1, &[]);
             }
         }
     }
@@ -328,6 +449,8 @@ struct Pending {
     kind: SubmitKind,
     origin: Option<Origin>,
     body: Option<String>,
+    /// The sender's trace, for messages from another gateway.
+    trace: Option<Trace>,
 }
 
 /// One document's ordering state, owned by its task.
@@ -337,7 +460,7 @@ struct Channel {
     store: Arc<dyn Store>,
     bus: Arc<dyn Bus>,
     options: HubOptions,
-    members: HashMap<u64, mpsc::Sender<Delivery>>,
+    members: HashMap<u64, InboxSender>,
     /// The next sequence to deliver; unknown until the first session has loaded.
     next: Option<u64>,
     pending: BTreeMap<u64, Pending>,
@@ -407,20 +530,24 @@ impl Channel {
                 kind,
                 origin,
                 body,
+                trace,
             })
             | Input::Event(BusEvent::Committed {
                 sequence,
                 kind,
                 origin,
                 body,
+                trace,
             }) => {
                 if self.next.is_none_or(|next| sequence >= next) {
+                    let remote = *origin.gateway != *self.gateway;
                     self.pending
                         .entry(sequence)
                         .or_insert(Pending {
                             kind,
                             origin: Some(origin),
                             body: None,
+                            trace: remote.then_some(trace),
                         })
                         .body
                         .get_or_insert_with(|| body.unwrap_or_default());
@@ -458,6 +585,33 @@ impl Channel {
                 SubmitKind::Snapshot => snapshot_id_of(&body),
                 SubmitKind::Update => None,
             };
+            // A message from another gateway continues its sender's trace here.
+            let span = pending.trace.as_ref().map(|trace| {
+                let span = tracing::info_span!(
+                    "deliver",
+                    otel.name = "process secsync.doc",
+                    otel.kind = "consumer",
+                    messaging.system = "nats",
+                    messaging.operation.type = "process",
+                    gateway = %self.gateway,
+                    doc = %self.doc,
+                    sequence = next,
+                );
+                secsync_telemetry::propagation::set_parent(&span, |key| {
+                    trace
+                        .context
+                        .iter()
+                        .find(|(k, _)| k == key)
+                        .map(|(_, v)| v.clone())
+                });
+                if trace.acked_at_us > 0 {
+                    let now = crate::metrics::unix_micros();
+                    crate::metrics::metrics()
+                        .fanout(now.saturating_sub(trace.acked_at_us) as f64 / 1e6);
+                }
+                span
+            });
+            let _entered = span.as_ref().map(tracing::Span::enter);
             self.deliver(
                 Some(next),
                 snapshot_id.as_ref(),
@@ -508,11 +662,15 @@ impl Channel {
         match self.store.events_after(&self.doc, next - 1, limit).await {
             Ok(events) => {
                 tracing::debug!(doc = %self.doc, count = events.len(), "gap repaired from persistence");
+                if !events.is_empty() {
+                    crate::metrics::metrics().gap_repairs.add(1, &[]);
+                }
                 for event in events {
                     self.pending.entry(event.sequence).or_insert(Pending {
                         kind: event.kind,
                         origin: None,
                         body: Some(event.body),
+                        trace: None,
                     });
                 }
                 self.gap_since = None;
@@ -539,16 +697,17 @@ impl Channel {
             if Some(*connection) == local_origin {
                 return true;
             }
-            match inbox.try_send(Delivery {
+            // Full: a slow consumer. Dropping its sender closes its inbox; the session
+            // disconnects the client, which reloads in delta mode. Never skip a message.
+            let kept = inbox.try_send(Delivery {
                 sequence,
                 snapshot_id: snapshot_id.cloned(),
                 frame: frame.clone(),
-            }) {
-                Ok(()) => true,
-                // Full: a slow consumer. Dropping its sender closes its inbox; the session
-                // disconnects the client, which reloads in delta mode. Never skip a message.
-                Err(_) => false,
+            });
+            if !kept {
+                crate::metrics::metrics().slow_consumers.add(1, &[]);
             }
+            kept
         });
     }
 }

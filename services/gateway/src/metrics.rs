@@ -110,7 +110,6 @@ pub const INSTRUMENTS: [Spec; 10] = [
 /// before anything records).
 #[derive(Debug)]
 pub struct Metrics {
-    pub connections: UpDownCounter<i64>,
     pub documents: UpDownCounter<i64>,
     frames_received: Counter<u64>,
     frames_sent: Counter<u64>,
@@ -127,6 +126,19 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 /// The gateway's instruments.
 pub fn metrics() -> &'static Metrics {
     &METRICS
+}
+
+/// Reports `open()` as the open-connection count at every export, for as long as the returned
+/// handle is kept.
+pub fn observe_connections(
+    open: impl Fn() -> i64 + Send + Sync + 'static,
+) -> opentelemetry::metrics::ObservableUpDownCounter<i64> {
+    opentelemetry::global::meter("secsync-gateway")
+        .i64_observable_up_down_counter(CONNECTIONS.name)
+        .with_unit(CONNECTIONS.unit)
+        .with_description(CONNECTIONS.description)
+        .with_callback(move |observer| observer.observe(open(), &[]))
+        .build()
 }
 
 fn up_down(meter: &Meter, spec: Spec) -> UpDownCounter<i64> {
@@ -158,7 +170,6 @@ impl Metrics {
     fn new() -> Self {
         let meter = opentelemetry::global::meter("secsync-gateway");
         Self {
-            connections: up_down(&meter, CONNECTIONS),
             documents: up_down(&meter, DOCUMENTS),
             frames_received: counter(&meter, FRAMES_RECEIVED),
             frames_sent: counter(&meter, FRAMES_SENT),
@@ -197,4 +208,13 @@ impl Metrics {
     pub fn fanout(&self, seconds: f64) {
         self.fanout_latency.record(seconds, &[]);
     }
+}
+
+/// Now as Unix microseconds: the fan-out latency spans two processes, so it needs the wall
+/// clock (both gateways' clocks are assumed in sync, as NTP keeps them in a cluster).
+#[allow(clippy::disallowed_methods)]
+pub fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }

@@ -3,7 +3,8 @@
 //! Document ids may contain `.`, `*`, `>` or spaces, which are not legal in a subject token, so
 //! the token is the id's bytes in URL-safe base64. Publishing while NATS is away is logged and
 //! dropped: local delivery and writes go on, and the hub repairs remote gaps from persistence
-//! once NATS is back (it is told through [`Bus::resyncs`]).
+//! once NATS is back (it is told through [`Bus::resyncs`]). A committed message's trace context
+//! and acknowledgement time travel in message headers.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,11 +13,40 @@ use async_trait::async_trait;
 use futures::StreamExt as _;
 use secsync_protocol::{b64, DocumentId};
 
-use crate::bus::{Bus, BusError, BusEvent, BusStream};
+use crate::bus::{Bus, BusError, BusEvent, BusStream, Trace};
 
 /// The subject of a document.
 pub fn subject(doc: &DocumentId) -> String {
     format!("secsync.doc.{}", b64::encode(doc.as_str()))
+}
+
+/// The header carrying [`Trace::acked_at_us`].
+const ACKED_AT: &str = "Secsync-Acked-At";
+
+fn headers_of(trace: &Trace) -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    for (key, value) in &trace.context {
+        headers.insert(key.as_str(), value.as_str());
+    }
+    headers.insert(ACKED_AT, trace.acked_at_us.to_string().as_str());
+    headers
+}
+
+fn trace_from(headers: &async_nats::HeaderMap) -> Trace {
+    Trace {
+        context: secsync_telemetry::propagation::HEADERS
+            .iter()
+            .filter_map(|key| {
+                headers
+                    .get(*key)
+                    .map(|value| ((*key).to_owned(), value.as_str().to_owned()))
+            })
+            .collect(),
+        acked_at_us: headers
+            .get(ACKED_AT)
+            .and_then(|value| value.as_str().parse().ok())
+            .unwrap_or(0),
+    }
 }
 
 /// NATS connection settings.
@@ -92,15 +122,27 @@ impl Bus for NatsBus {
             .await
             .map_err(|e| BusError(e.to_string()))?;
         Ok(Box::pin(subscriber.filter_map(|message| async move {
-            BusEvent::decode(&message.payload)
+            let mut event = BusEvent::decode(&message.payload)?;
+            if let (BusEvent::Committed { trace, .. }, Some(headers)) =
+                (&mut event, &message.headers)
+            {
+                *trace = trace_from(headers);
+            }
+            Some(event)
         })))
     }
 
     async fn publish(&self, doc: &DocumentId, event: &BusEvent) -> Result<(), BusError> {
-        self.client
-            .publish(subject(doc), event.encode().into())
-            .await
-            .map_err(|e| BusError(e.to_string()))
+        let payload = event.encode().into();
+        let result = match event {
+            BusEvent::Committed { trace, .. } => {
+                self.client
+                    .publish_with_headers(subject(doc), headers_of(trace), payload)
+                    .await
+            }
+            BusEvent::Ephemeral { .. } => self.client.publish(subject(doc), payload).await,
+        };
+        result.map_err(|e| BusError(e.to_string()))
     }
 
     fn resyncs(&self) -> tokio::sync::watch::Receiver<u64> {

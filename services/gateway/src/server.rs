@@ -9,6 +9,7 @@ use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{State, WebSocketUpgrade};
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use axum::serve::ListenerExt as _;
 use axum::Router;
 use secsync_protocol::parse_connect;
 
@@ -52,13 +53,13 @@ async fn handle(
         .max_message_size(limit)
         .max_frame_size(limit)
         // Small buffers keep idle connections cheap; they grow for large frames.
-        .read_buffer_size(1024)
+        .read_buffer_size(512)
         .write_buffer_size(0)
         .on_upgrade(move |socket| {
-            tasks.track_future(async move {
-                session::run(gateway, socket, request, connection).await;
-                drop(permit);
-            })
+            // A task of its own: axum's upgrade task, if the session ran inside it, would keep
+            // its own room for the socket and the handshake for the connection's lifetime.
+            tasks.spawn(session::run(gateway, socket, request, connection, permit));
+            std::future::ready(())
         })
 }
 
@@ -73,6 +74,12 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let token = gateway.shutdown.clone();
     let app = router(gateway.clone());
+    // Without TCP_NODELAY a small frame written right after another (the 101 response and the
+    // `document` frame, an acknowledgement after a broadcast) waits for the peer's delayed ACK:
+    // about 40 ms on Linux.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown.await;
         token.cancel();

@@ -1,26 +1,34 @@
 //! One WebSocket connection: the opening sequence, then frames strictly in arrival order.
 //!
-//! A writer task owns the socket's sending half, fed by a bounded queue; everything the
-//! connection sends goes through it. The session task reads one frame at a time and handles it
-//! completely (parse, bind, verify, store, reply) before it reads the next or forwards anything
-//! from the document's channel, so replies come in request order and a client's own
-//! acknowledgement is always queued before any later broadcast (PROTOCOL.md 6.7). The session
-//! keeps a cursor (the last sequence number the client has) and skips its own messages and
-//! anything its load or a recovery already covered; a jump ahead is filled from persistence.
+//! One task per connection does everything: it reads the client's frames, forwards the
+//! document's deliveries and writes what is queued for the client (a [`Link`]). It handles a
+//! frame completely (parse, bind, verify, store, reply) before it reads the next or forwards
+//! anything from the document's channel, so replies come in request order and a client's own
+//! acknowledgement is always queued before any later broadcast (PROTOCOL.md 6.7); while it waits
+//! for persistence it goes on writing what was queued before. The session keeps a cursor (the
+//! last sequence number the client has) and skips its own messages and anything its load or a
+//! recovery already covered; a jump ahead is filled from persistence.
+//!
+//! An idle connection costs what its task holds, so that is kept small: the queue for the
+//! client holds no storage while empty, and the state of rarely taken paths (handling a frame,
+//! the opening sequence, the first-delivery hold) is boxed only while it is in use.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::{SinkExt as _, StreamExt as _};
 use secsync_protocol::wire::{self, Recovery};
 use secsync_protocol::{
-    parse_client_frame, ClientFrame, ConnectError, ConnectRequest, DocumentId, FrameError,
-    LoadMode, LoadRequest, Reason, Shape, SnapshotId, SnapshotMessage,
+    parse_client_frame, ClientFrame, ConnectError, ConnectRequest, FrameError, LoadMode,
+    LoadRequest, Reason, Shape, SnapshotId, SnapshotMessage,
 };
-use tokio::sync::mpsc;
-use tokio::time::Instant;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::{Instant, Sleep};
 use tracing::Instrument as _;
 
 use crate::auth::Access;
@@ -50,6 +58,19 @@ enum Outgoing {
     Close(u16, &'static str),
 }
 
+impl Outgoing {
+    fn into_message(self) -> Message {
+        match self {
+            Outgoing::Frame(frame) => Message::Text(frame),
+            Outgoing::Ping => Message::Ping(bytes::Bytes::new()),
+            Outgoing::Close(code, reason) => Message::Close(Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            })),
+        }
+    }
+}
+
 /// Why the session ended (for logs).
 #[derive(Debug, Clone, Copy)]
 enum End {
@@ -57,12 +78,125 @@ enum End {
     Closed(u16),
 }
 
+/// The socket and the bounded queue of what is to be written to it, in order.
+struct Link {
+    socket: WebSocket,
+    queue: VecDeque<Outgoing>,
+    /// The connection's place under the gateway's connection limit, until the socket is gone.
+    _permit: OwnedSemaphorePermit,
+    /// Frames queued for a client that does not read before it counts as a slow consumer
+    /// (`u32`: with the permit the box stays at 424 bytes).
+    limit: u32,
+    /// Frames were handed to the socket and not flushed yet.
+    unflushed: bool,
+    /// Writing failed: the client is gone (reading notices it too).
+    broken: bool,
+}
+
+impl Link {
+    fn new(socket: WebSocket, limit: usize, permit: OwnedSemaphorePermit) -> Self {
+        Self {
+            socket,
+            queue: VecDeque::new(),
+            _permit: permit,
+            limit: u32::try_from(limit.max(2)).unwrap_or(u32::MAX),
+            unflushed: false,
+            broken: false,
+        }
+    }
+
+    /// Queues a frame; a full queue means a slow consumer.
+    fn push(&mut self, item: Outgoing) -> Result<(), End> {
+        if self.queue.len() >= self.limit as usize {
+            return Err(End::Closed(close::TRY_AGAIN_LATER));
+        }
+        self.queue.push_back(item);
+        Ok(())
+    }
+
+    /// Writes queued frames as far as the socket takes them; `Ready` once everything is
+    /// flushed or writing failed.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.broken {
+            return Poll::Ready(());
+        }
+        match self.poll_write_inner(cx) {
+            Poll::Ready(Ok(())) => Poll::Ready(()),
+            Poll::Ready(Err(error)) => {
+                tracing::debug!(%error, "writing to the client failed");
+                self.broken = true;
+                self.queue = VecDeque::new();
+                Poll::Ready(())
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn poll_write_inner(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), axum::Error>> {
+        while !self.queue.is_empty() {
+            ready!(self.socket.poll_ready_unpin(cx))?;
+            if let Some(item) = self.queue.pop_front() {
+                self.socket.start_send_unpin(item.into_message())?;
+                self.unflushed = true;
+            }
+        }
+        if self.unflushed {
+            ready!(self.socket.poll_flush_unpin(cx))?;
+            self.unflushed = false;
+        }
+        // Drained: give the storage back (most connections are idle most of the time).
+        if self.queue.capacity() > 0 {
+            self.queue = VecDeque::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Runs `future` to completion while writing what was queued before it.
+    async fn alongside<F: Future>(&mut self, future: F) -> F::Output {
+        let mut future = pin!(future);
+        let mut written = false;
+        poll_fn(|cx| {
+            // Nothing is queued while `future` runs (it cannot reach the queue).
+            if !written && self.poll_write(cx).is_ready() {
+                written = true;
+            }
+            future.as_mut().poll(cx)
+        })
+        .await
+    }
+
+    /// Writes everything queued and the close (if the gateway ends the connection), then closes
+    /// the socket. Gives up after `linger`: a client that reads nothing must not keep the
+    /// connection forever.
+    async fn finish(mut self: Box<Self>, end: End, linger: Duration) {
+        if let End::Closed(code) = end {
+            let reason = match code {
+                close::RESTART => "service restart",
+                close::TOO_BIG => "message too big",
+                close::TRY_AGAIN_LATER => "slow consumer",
+                close::UNAVAILABLE => "unavailable",
+                close::TIMEOUT => "timeout",
+                _ => "",
+            };
+            // Past the limit: the close goes after everything queued.
+            self.queue.push_back(Outgoing::Close(code, reason));
+        }
+        let done = poll_fn(|cx| {
+            ready!(self.poll_write(cx));
+            // Also after a failed write: a close the client started still gets its answer.
+            self.socket.poll_close_unpin(cx).map(|_| ())
+        });
+        let _ = tokio::time::timeout(linger, done).await;
+    }
+}
+
 struct Session {
     gateway: Arc<Gateway>,
-    doc: DocumentId,
+    /// The session's place in the document's channel; also where its document id is kept.
+    membership: Membership,
     connection: u64,
     access: Access,
-    out: mpsc::Sender<Outgoing>,
+    link: Box<Link>,
     /// The last sequence number the client has (from its load, deliveries or recoveries).
     cursor: u64,
     /// Sequence numbers of this connection's own accepted messages not yet passed.
@@ -74,98 +208,90 @@ struct Session {
     refilled: Instant,
 }
 
-/// Runs a connection to its end.
-pub async fn run(
+/// Runs a connection to its end; `permit` is its place under the connection limit.
+pub fn run(
     gateway: Arc<Gateway>,
     socket: WebSocket,
     request: Result<ConnectRequest, ConnectError>,
     connection: u64,
-) {
-    let (mut sink, mut stream) = socket.split();
-    let (out, mut queue) = mpsc::channel::<Outgoing>(gateway.limits.send_queue.max(2));
-    let writer = tokio::spawn(async move {
-        while let Some(item) = queue.recv().await {
-            let message = match item {
-                Outgoing::Frame(frame) => Message::Text(frame),
-                Outgoing::Ping => Message::Ping(bytes::Bytes::new()),
-                Outgoing::Close(code, reason) => {
-                    let frame = CloseFrame {
-                        code,
-                        reason: reason.into(),
-                    };
-                    let _ = sink.send(Message::Close(Some(frame))).await;
-                    break;
-                }
-            };
-            if sink.send(message).await.is_err() {
-                break;
-            }
-        }
-        let _ = sink.close().await;
-    });
+    permit: OwnedSemaphorePermit,
+) -> impl Future<Output = ()> + Send + 'static {
+    // Boxed before any future holds them: a future keeps room for what it was given even after
+    // it moved it on, and the socket lives as long as the connection.
+    let link = Box::new(Link::new(socket, gateway.limits.send_queue, permit));
+    serve(gateway, link, request.map(Box::new), connection)
+}
 
+async fn serve(
+    gateway: Arc<Gateway>,
+    mut link: Box<Link>,
+    request: Result<Box<ConnectRequest>, ConnectError>,
+    connection: u64,
+) {
     let request = match request {
         Ok(request) => request,
         Err(error) => {
             tracing::info!(connection, %error, "refused connection");
-            let _ = out.send(Outgoing::Frame(wire::DOCUMENT_ERROR.into())).await;
-            let _ = out.send(Outgoing::Close(close::NORMAL, "")).await;
-            drop(out);
-            let _ = writer.await;
+            let _ = link.push(Outgoing::Frame(wire::DOCUMENT_ERROR.into()));
+            link.finish(End::Closed(close::NORMAL), linger(&gateway))
+                .await;
             return;
         }
     };
-    let doc = request.doc_id.clone();
-    let span = tracing::info_span!("connection", connection, doc = %doc);
-    tracing::debug!(parent: &span, "connected");
-    let end = serve(&gateway, request, connection, out.clone(), &mut stream)
-        .instrument(span.clone())
-        .await;
-    tracing::debug!(parent: &span, ?end, "connection ended");
-    if let End::Closed(code) = end {
-        let reason = match code {
-            close::RESTART => "service restart",
-            close::TOO_BIG => "message too big",
-            close::TRY_AGAIN_LATER => "slow consumer",
-            close::UNAVAILABLE => "unavailable",
-            close::TIMEOUT => "timeout",
-            _ => "",
-        };
-        let _ = out.send(Outgoing::Close(code, reason)).await;
-    }
-    drop(out);
-    let _ = writer.await;
-}
-
-type Stream = futures::stream::SplitStream<WebSocket>;
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn serve(
-    gateway: &Arc<Gateway>,
-    request: ConnectRequest,
-    connection: u64,
-    out: mpsc::Sender<Outgoing>,
-    stream: &mut Stream,
-) -> End {
-    let doc = request.doc_id.clone();
-    let Ok(access) = gateway.auth.authorize(&doc, &request.session_key).await else {
-        let _ = out.send(Outgoing::Frame(wire::UNAUTHORIZED.into())).await;
-        return End::Closed(close::NORMAL);
+    // No span for the connection: a live span costs every idle connection about 400 bytes, so
+    // log lines name the connection and the document themselves. Boxed: the opening's state is
+    // large and needed once.
+    let end = match Box::pin(open(&gateway, request, connection, link)).await {
+        Ok((mut session, hold)) => {
+            let end = session.run(hold).await;
+            tracing::debug!(connection, doc = %session.membership.doc(), ?end, "connection ended");
+            link = session.link;
+            end
+        }
+        Err((end, returned)) => {
+            tracing::debug!(connection, ?end, "connection ended while opening");
+            link = returned;
+            end
+        }
     };
+    link.finish(end, linger(&gateway)).await;
+}
+
+/// How long the last frames and the close may take to write: a client that reads nothing is
+/// given as long as a silent one.
+fn linger(gateway: &Gateway) -> Duration {
+    gateway.limits.ping_every * 2
+}
+
+type Opened = (Box<Session>, Option<Pin<Box<Sleep>>>);
+
+/// The opening sequence: authorize, join, load, send the `document`. Returns the session and
+/// the first-delivery hold (see `Session::run`).
+async fn open(
+    gateway: &Arc<Gateway>,
+    request: Box<ConnectRequest>,
+    connection: u64,
+    mut link: Box<Link>,
+) -> Result<Opened, (End, Box<Link>)> {
+    let ConnectRequest {
+        doc_id: doc,
+        session_key,
+        load,
+    } = *request;
+    tracing::debug!(connection, %doc, "connected");
+    let Ok(access) = gateway.auth.authorize(&doc, &session_key).await else {
+        let _ = link.push(Outgoing::Frame(wire::UNAUTHORIZED.into()));
+        return Err((End::Closed(close::NORMAL), link));
+    };
+    drop(session_key);
     // Join before loading: nothing accepted after the load can be missed (PROTOCOL.md 7.9).
-    let mut membership = gateway.hub.join(&doc, connection);
-    let loaded = match gateway.store.load(&doc, &request.load, true).await {
+    let membership = gateway.hub.join(&doc, connection);
+    let loaded = match gateway.store.load(&doc, &load, true).await {
         Ok(loaded) => loaded,
         Err(error) => {
             // A plain close: the client reconnects with back-off (document-error is terminal).
-            tracing::warn!(%error, "load failed");
-            return End::Closed(close::UNAVAILABLE);
+            tracing::warn!(connection, %doc, %error, "load failed");
+            return Err((End::Closed(close::UNAVAILABLE), link));
         }
     };
     let frame = wire::document(
@@ -173,98 +299,154 @@ async fn serve(
         &loaded.updates,
         loaded.chain.as_deref(),
     );
-    if out.send(Outgoing::Frame(frame.into())).await.is_err() {
-        return End::ClientClosed;
+    if let Err(end) = link.push(Outgoing::Frame(frame.into())) {
+        return Err((end, link));
     }
     gateway.hub.loaded(&doc, loaded.sequence);
-    let mut session = Session {
+    let hold_for = gateway.limits.first_delivery_hold;
+    let hold = (loaded.snapshot.is_some() && !hold_for.is_zero())
+        .then(|| Box::pin(tokio::time::sleep(hold_for)));
+    let session = Box::new(Session {
         gateway: gateway.clone(),
-        doc,
+        membership,
         connection,
         access,
-        out,
+        link,
         cursor: loaded.sequence,
         own: BTreeSet::new(),
-        client_snapshot: loaded.active_snapshot_id.clone(),
+        client_snapshot: loaded.active_snapshot_id,
         frames: 0,
         tokens: f64::from(gateway.limits.rate_burst),
         refilled: Instant::now(),
-    };
-    // See `Session::run` for why deliveries wait after a document that has a snapshot.
-    let hold = loaded
-        .snapshot
-        .is_some()
-        .then(|| Instant::now() + gateway.limits.first_delivery_hold);
-    session.run(&mut membership, stream, hold).await
+    });
+    Ok((session, hold))
+}
+
+/// What woke the session.
+enum Event {
+    Incoming(Option<Result<Message, axum::Error>>),
+    Delivery(Option<Delivery>),
+    Ping,
+    Shutdown,
 }
 
 impl Session {
-    /// `hold`: until this instant (or the client's first frame) nothing from the document's
-    /// channel is forwarded. The JavaScript client awaits `getSnapshotKey` before it queues a
-    /// `document` that has a snapshot, while a frame arriving meanwhile is queued at once; an
-    /// update that overtakes the document that way fails the client for good. The client sends
-    /// its ephemeral `initialize` right after that await, so its first frame (or the deadline)
-    /// means the document is queued. Held messages wait in the inbox, nothing is skipped.
-    async fn run(
-        &mut self,
-        membership: &mut Membership,
-        stream: &mut Stream,
-        mut hold: Option<Instant>,
-    ) -> End {
+    /// `hold`: until it fires (or the client's first frame) nothing from the document's channel
+    /// is forwarded. The JavaScript client awaits `getSnapshotKey` before it queues a `document`
+    /// that has a snapshot, while a frame arriving meanwhile is queued at once; an update that
+    /// overtakes the document that way fails the client for good. The client sends its
+    /// ephemeral `initialize` right after that await, so its first frame (or the deadline) means
+    /// the document is queued. Held messages wait in the inbox, nothing is skipped.
+    async fn run(&mut self, mut hold: Option<Pin<Box<Sleep>>>) -> End {
         let ping_every = self.gateway.limits.ping_every;
-        let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+        let mut ping = pin!(tokio::time::sleep(ping_every));
         let mut last_seen = Instant::now();
         let shutdown = self.gateway.shutdown.clone();
+        let mut shutdown = pin!(shutdown.cancelled());
+        // The client and the channel take turns, so neither can starve the other.
+        let mut client_first = true;
         loop {
-            tokio::select! {
-                message = stream.next() => {
+            client_first = !client_first;
+            let event = poll_fn(|cx| {
+                if shutdown.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Shutdown);
+                }
+                // Ready when everything is written; a failed write shows on the read side.
+                let _ = self.link.poll_write(cx);
+                if hold
+                    .as_mut()
+                    .is_some_and(|h| h.as_mut().poll(cx).is_ready())
+                {
+                    hold = None;
+                }
+                for client in [client_first, !client_first] {
+                    if client {
+                        if self.link.broken {
+                            return Poll::Ready(Event::Incoming(None));
+                        }
+                        if let Poll::Ready(message) = self.link.socket.poll_next_unpin(cx) {
+                            return Poll::Ready(Event::Incoming(message));
+                        }
+                    } else if hold.is_none() {
+                        if let Poll::Ready(delivery) = self.membership.inbox.poll_recv(cx) {
+                            return Poll::Ready(Event::Delivery(delivery));
+                        }
+                    }
+                }
+                if ping.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Ping);
+                }
+                Poll::Pending
+            })
+            .await;
+            let result = match event {
+                Event::Shutdown => return End::Closed(close::RESTART),
+                Event::Incoming(message) => {
                     last_seen = Instant::now();
                     match message {
                         None | Some(Ok(Message::Close(_))) => return End::ClientClosed,
                         Some(Err(error)) => {
                             let text = error.to_string();
                             if text.contains("too long") || text.contains("too big") {
-                                tracing::info!("frame over the size limit");
+                                tracing::info!(
+                                    connection = self.connection,
+                                    doc = %self.membership.doc(),
+                                    "frame over the size limit"
+                                );
                                 return End::Closed(close::TOO_BIG);
                             }
                             return End::ClientClosed;
                         }
                         Some(Ok(Message::Text(text))) => {
                             hold = None;
-                            self.throttle().await;
-                            if let Err(end) = self.handle(text.as_str()).await {
-                                return end;
-                            }
+                            // A span per frame, not per connection: an idle connection then
+                            // holds none. Boxed: handling a frame needs far more state than
+                            // waiting does.
+                            let span = tracing::info_span!(
+                                "frame",
+                                connection = self.connection,
+                                doc = %self.membership.doc(),
+                                gateway = %self.gateway.id,
+                            );
+                            Box::pin(self.frame(text).instrument(span)).await
                         }
                         Some(Ok(Message::Binary(_))) => {
-                            if let Err(end) = self.reply(wire::invalid_message(Reason::BinaryFrame)) {
-                                return end;
-                            }
+                            self.reply(wire::invalid_message(Reason::BinaryFrame))
                         }
-                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
                     }
                 }
-                () = sleep_until(hold) => hold = None,
-                delivery = membership.inbox.recv(), if hold.is_none() => {
-                    let Some(delivery) = delivery else {
-                        tracing::info!("slow consumer: disconnecting");
-                        return End::Closed(close::TRY_AGAIN_LATER);
-                    };
-                    if let Err(end) = self.deliver(delivery).await {
-                        return end;
-                    }
+                Event::Delivery(Some(delivery)) => match self.gap_before(&delivery) {
+                    None => self.forward(delivery),
+                    // Boxed: rare, and its state would otherwise make every connection larger.
+                    Some(upto) => Box::pin(self.fill_gap(upto, delivery)).await,
+                },
+                Event::Delivery(None) => {
+                    tracing::info!(
+                        connection = self.connection,
+                        doc = %self.membership.doc(),
+                        "slow consumer: disconnecting"
+                    );
+                    return End::Closed(close::TRY_AGAIN_LATER);
                 }
-                _ = ping.tick() => {
+                Event::Ping => {
                     if last_seen.elapsed() > ping_every * 2 {
                         return End::Closed(close::TIMEOUT);
                     }
-                    if self.out.try_send(Outgoing::Ping).is_err() {
-                        return End::Closed(close::TRY_AGAIN_LATER);
-                    }
+                    ping.as_mut().reset(Instant::now() + ping_every);
+                    self.link.push(Outgoing::Ping)
                 }
-                () = shutdown.cancelled() => return End::Closed(close::RESTART),
+            };
+            if let Err(end) = result {
+                return end;
             }
         }
+    }
+
+    /// One text frame: its turn under the rate limit, then its handling.
+    async fn frame(&mut self, text: Utf8Bytes) -> Result<(), End> {
+        self.throttle().await;
+        self.handle(text.as_str()).await
     }
 
     /// Waits for a token of the connection's rate limit (slows a flood down, rejects nothing).
@@ -276,23 +458,19 @@ impl Session {
         self.refilled = Instant::now();
         if self.tokens < 1.0 {
             let wait = Duration::from_secs_f64((1.0 - self.tokens) / rate);
-            tokio::time::sleep(wait).await;
+            self.link.alongside(tokio::time::sleep(wait)).await;
             self.tokens = 1.0;
             self.refilled = Instant::now();
         }
         self.tokens -= 1.0;
     }
 
-    fn reply(&self, frame: String) -> Result<(), End> {
-        self.out
-            .try_send(Outgoing::Frame(frame.into()))
-            .map_err(|_| End::Closed(close::TRY_AGAIN_LATER))
+    fn reply(&mut self, frame: String) -> Result<(), End> {
+        self.link.push(Outgoing::Frame(frame.into()))
     }
 
-    fn send_frame(&self, frame: Utf8Bytes) -> Result<(), End> {
-        self.out
-            .try_send(Outgoing::Frame(frame))
-            .map_err(|_| End::Closed(close::TRY_AGAIN_LATER))
+    fn send_frame(&mut self, frame: Utf8Bytes) -> Result<(), End> {
+        self.link.push(Outgoing::Frame(frame))
     }
 
     async fn handle(&mut self, text: &str) -> Result<(), End> {
@@ -302,16 +480,18 @@ impl Session {
             Err(error) => return self.refuse(&error),
         };
         if let Err(error) = frame
-            .check_document(&self.doc)
+            .check_document(self.membership.doc())
             .and_then(|()| frame.verify())
         {
             return self.refuse(&error);
         }
         match frame {
             ClientFrame::Ephemeral(message) => {
-                self.gateway
-                    .hub
-                    .ephemeral(&self.doc, self.connection, message.signed.body());
+                self.gateway.hub.ephemeral(
+                    self.membership.doc(),
+                    self.connection,
+                    message.signed.body(),
+                );
                 Ok(())
             }
             ClientFrame::Snapshot(ref message) => {
@@ -338,8 +518,13 @@ impl Session {
         }
     }
 
-    fn refuse(&self, error: &FrameError) -> Result<(), End> {
-        tracing::debug!(reason = error.reason.code(), "frame refused");
+    fn refuse(&mut self, error: &FrameError) -> Result<(), End> {
+        tracing::debug!(
+            connection = self.connection,
+            doc = %self.membership.doc(),
+            reason = error.reason.code(),
+            "frame refused"
+        );
         self.reply(error.reply(&Recovery::default()))?;
         if error.closes_connection() {
             return Err(End::Closed(close::NORMAL));
@@ -351,7 +536,7 @@ impl Session {
         self.own.insert(sequence);
         self.gateway
             .hub
-            .committed(&self.doc, sequence, kind, self.connection, body);
+            .committed(self.membership.doc(), sequence, kind, self.connection, body);
     }
 
     async fn snapshot(&mut self, message: &SnapshotMessage) -> Result<(), End> {
@@ -380,16 +565,31 @@ impl Session {
     /// client's active snapshot is the last one this connection sent it, which may be newer
     /// than the parent its refused snapshot was built on (the chain must start there).
     async fn recover(&mut self, message: &SnapshotMessage) -> Result<(), End> {
-        tracing::debug!(parent = ?message.parent_snapshot_id, client = ?self.client_snapshot, "snapshot refused; sending recovery");
+        tracing::debug!(
+            connection = self.connection,
+            doc = %self.membership.doc(),
+            parent = ?message.parent_snapshot_id,
+            client = ?self.client_snapshot,
+            "snapshot refused; sending recovery"
+        );
         let request = LoadRequest {
             mode: LoadMode::Complete,
             known_snapshot_id: self.client_snapshot.clone(),
             known_clocks: secsync_protocol::Clocks::new(),
         };
-        let loaded = match self.gateway.store.load(&self.doc, &request, true).await {
+        let load = self
+            .gateway
+            .store
+            .load(self.membership.doc(), &request, true);
+        let loaded = match self.link.alongside(load).await {
             Ok(loaded) => loaded,
             Err(error) => {
-                tracing::warn!(%error, "recovery load failed");
+                tracing::warn!(
+                    connection = self.connection,
+                    doc = %self.membership.doc(),
+                    %error,
+                    "recovery load failed"
+                );
                 return self.reply(wire::snapshot_save_failed(&Recovery::default()));
             }
         };
@@ -426,38 +626,61 @@ impl Session {
         let deadline = Instant::now() + self.gateway.limits.write_retry;
         let mut delay = Duration::from_millis(50);
         loop {
-            match self
+            let submit = self
                 .gateway
                 .store
-                .submit(&self.doc, kind, body, &request_id)
-                .await
-            {
+                .submit(self.membership.doc(), kind, body, &request_id);
+            match self.link.alongside(submit).await {
                 Ok(submitted) => return Some(submitted),
                 Err(StoreError::Unavailable(error)) if Instant::now() + delay < deadline => {
-                    tracing::warn!(%error, "persistence unavailable; retrying the write");
+                    tracing::warn!(
+                        connection = self.connection,
+                        doc = %self.membership.doc(),
+                        %error,
+                        "persistence unavailable; retrying the write"
+                    );
                     self.gateway.mark_store_unavailable();
-                    tokio::time::sleep(delay).await;
+                    self.link.alongside(tokio::time::sleep(delay)).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "write failed");
+                    tracing::warn!(
+                        connection = self.connection,
+                        doc = %self.membership.doc(),
+                        %error,
+                        "write failed"
+                    );
                     return None;
                 }
             }
         }
     }
 
-    /// Forwards one message of the document's channel, keeping the client's stream gap-free.
-    async fn deliver(&mut self, delivery: Delivery) -> Result<(), End> {
+    /// Where a message of the document's channel needs persistence first: the sequence number
+    /// up to which the client lacks messages (the channel started after this session's load, or
+    /// the session's recovery moved it).
+    fn gap_before(&mut self, delivery: &Delivery) -> Option<u64> {
+        let sequence = delivery.sequence?;
+        self.pass_own();
+        (sequence > self.cursor + 1).then(|| sequence - 1)
+    }
+
+    /// Reads what the client lacks from persistence, then forwards the message that revealed
+    /// the gap.
+    async fn fill_gap(&mut self, upto: u64, delivery: Delivery) -> Result<(), End> {
+        self.catch_up(upto).await?;
+        self.forward(delivery)
+    }
+
+    /// Forwards one message of the document's channel (its gap is filled), keeping the
+    /// client's stream gap-free.
+    fn forward(&mut self, delivery: Delivery) -> Result<(), End> {
         let Some(sequence) = delivery.sequence else {
             return self.send_frame(delivery.frame);
         };
         self.pass_own();
         if sequence <= self.cursor {
             return Ok(());
-        }
-        if sequence > self.cursor + 1 {
-            self.catch_up(sequence - 1).await?;
         }
         if !self.own.remove(&sequence) {
             self.send_frame(delivery.frame)?;
@@ -485,16 +708,19 @@ impl Session {
             let limit = u32::try_from(upto - self.cursor)
                 .unwrap_or(u32::MAX)
                 .min(10_000);
-            let events = match self
+            let read = self
                 .gateway
                 .store
-                .events_after(&self.doc, self.cursor, limit)
-                .await
-            {
+                .events_after(self.membership.doc(), self.cursor, limit);
+            let events = match self.link.alongside(read).await {
                 Ok(events) if !events.is_empty() => events,
                 Ok(_) | Err(_) => {
                     // Never skip: close, and the client reloads in delta mode.
-                    tracing::warn!("could not fill a gap; disconnecting");
+                    tracing::warn!(
+                        connection = self.connection,
+                        doc = %self.membership.doc(),
+                        "could not fill a gap; disconnecting"
+                    );
                     return Err(End::Closed(close::TRY_AGAIN_LATER));
                 }
             };

@@ -82,11 +82,22 @@ pub trait Store: Send + Sync + 'static {
 /// gateway's side of a trace into persistence; the gRPC store carries their context along).
 pub struct Observed {
     inner: std::sync::Arc<dyn Store>,
+    gateway: std::sync::Arc<str>,
 }
 
 impl Observed {
-    pub fn new(inner: std::sync::Arc<dyn Store>) -> Self {
-        Self { inner }
+    /// `gateway` (the gateway's id) is recorded on every span.
+    pub fn new(inner: std::sync::Arc<dyn Store>, gateway: std::sync::Arc<str>) -> Self {
+        Self { inner, gateway }
+    }
+
+    async fn observe<T>(
+        &self,
+        operation: &'static str,
+        doc: &DocumentId,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        observe(operation, &self.gateway, doc, call).await
     }
 }
 
@@ -99,7 +110,8 @@ impl std::fmt::Debug for Observed {
 /// Runs `call` in a client span named after the operation and records its duration.
 async fn observe<T>(
     operation: &'static str,
-    doc: Option<&DocumentId>,
+    gateway: &str,
+    doc: &DocumentId,
     call: impl std::future::Future<Output = Result<T, StoreError>>,
 ) -> Result<T, StoreError> {
     use tracing::Instrument as _;
@@ -110,7 +122,8 @@ async fn observe<T>(
         rpc.system = "grpc",
         rpc.service = "secsync.persistence.v1.Persistence",
         rpc.method = operation,
-        doc = doc.map(DocumentId::as_str),
+        gateway,
+        doc = doc.as_str(),
     );
     let started = std::time::Instant::now();
     let result = call.instrument(span).await;
@@ -130,12 +143,8 @@ impl Store for Observed {
         request: &LoadRequest,
         create: bool,
     ) -> Result<Loaded, StoreError> {
-        observe(
-            "LoadDocument",
-            Some(doc),
-            self.inner.load(doc, request, create),
-        )
-        .await
+        self.observe("LoadDocument", doc, self.inner.load(doc, request, create))
+            .await
     }
 
     async fn submit(
@@ -149,9 +158,9 @@ impl Store for Observed {
             SubmitKind::Snapshot => "SubmitSnapshot",
             SubmitKind::Update => "SubmitUpdate",
         };
-        observe(
+        self.observe(
             operation,
-            Some(doc),
+            doc,
             self.inner.submit(doc, kind, body, request_id),
         )
         .await
@@ -163,9 +172,9 @@ impl Store for Observed {
         after: u64,
         limit: u32,
     ) -> Result<Vec<Event>, StoreError> {
-        observe(
+        self.observe(
             "ReadEvents",
-            Some(doc),
+            doc,
             self.inner.events_after(doc, after, limit),
         )
         .await

@@ -142,6 +142,56 @@ impl Drop for Persistence {
     }
 }
 
+/// A fresh database (no service on it), dropped when this is dropped.
+pub struct Database {
+    name: String,
+    url: String,
+}
+
+impl Database {
+    pub async fn create() -> Self {
+        let name = format!(
+            "secsync_gw_{}_{}",
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        let mut admin = sqlx::PgConnection::connect(&admin_url()).await.unwrap();
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let base = admin_url().rsplit_once('/').unwrap().0.to_owned();
+        let url = format!("{base}/{name}");
+        Self { name, url }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Its own runtime on its own thread: drop may run inside the test's runtime.
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url()).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&mut admin)
+                        .await;
+                }
+            });
+        })
+        .join()
+        .unwrap();
+    }
+}
+
 /// A `secsync-gateway` process, killed on drop.
 pub struct Gateway {
     child: Child,
@@ -155,6 +205,39 @@ impl Gateway {
     }
 
     pub fn start_on(persistence: &str, nats: &str, extra: &[&str], port: u16) -> Self {
+        Self::start_with_env(persistence, nats, extra, port, &[])
+    }
+
+    /// Starts with extra environment variables (e.g. allocator settings for the benchmark).
+    pub fn start_with_env(
+        persistence: &str,
+        nats: &str,
+        extra: &[&str],
+        port: u16,
+        env: &[(String, String)],
+    ) -> Self {
+        Self::launch(&[], persistence, nats, extra, port, env)
+    }
+
+    /// Starts through `wrapper` (a program and its arguments that end by running the gateway
+    /// command appended to them, e.g. in a namespace of its own).
+    pub fn start_wrapped(
+        wrapper: &[String],
+        persistence: &str,
+        nats: &str,
+        extra: &[&str],
+    ) -> Self {
+        Self::launch(wrapper, persistence, nats, extra, 0, &[])
+    }
+
+    fn launch(
+        wrapper: &[String],
+        persistence: &str,
+        nats: &str,
+        extra: &[&str],
+        port: u16,
+        env: &[(String, String)],
+    ) -> Self {
         let mut args: Vec<String> = vec![
             "--persistence".into(),
             persistence.into(),
@@ -166,11 +249,21 @@ impl Gateway {
             "1".into(),
         ];
         args.extend(extra.iter().map(|s| (*s).to_owned()));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_secsync-gateway"))
+        let binary = env!("CARGO_BIN_EXE_secsync-gateway");
+        let mut command = match wrapper.split_first() {
+            Some((program, arguments)) => {
+                let mut command = Command::new(program);
+                command.args(arguments).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
+        let mut child = command
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(&args)
             .env("SECSYNC_LOG_FORMAT", "json")
             .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -330,6 +423,56 @@ impl Ws {
         }
     }
 
+    /// Like [`Ws::connect`], from the loopback address `source` (one address has only ~28,000
+    /// ephemeral ports towards one server port).
+    pub async fn connect_from(base: &str, doc: &str, source: std::net::IpAddr) -> Self {
+        let url = format!("{base}/{doc}?sessionKey=k");
+        let port: u16 = base.rsplit(':').next().unwrap().parse().unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind((source, 0).into()).unwrap();
+        let tcp = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let (stream, _) =
+            tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(tcp))
+                .await
+                .expect("connect");
+        Self {
+            stream,
+            closed: None,
+        }
+    }
+
+    /// Reads (and so answers pings) until the connection ends; returns the close code.
+    pub async fn hold(mut self) -> Option<u16> {
+        while let Some(message) = self.stream.next().await {
+            match message {
+                Ok(Message::Close(frame)) => {
+                    self.closed = Some(frame.map_or(1005, |f| u16::from(f.code)));
+                    break;
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        self.closed
+    }
+
+    /// Reads until `count` pings have arrived (the library answers each with a pong); panics
+    /// on anything else but a pong.
+    pub async fn pings(&mut self, count: usize) {
+        let mut seen = 0;
+        while seen < count {
+            let message = tokio::time::timeout(WAIT, self.stream.next())
+                .await
+                .expect("timed out waiting for a ping");
+            match message {
+                Some(Ok(Message::Ping(_))) => seen += 1,
+                Some(Ok(Message::Pong(_))) => {}
+                other => panic!("expected a ping, got {other:?}"),
+            }
+        }
+    }
+
     /// Connects and expects a `document` frame first.
     pub async fn open(base: &str, doc: &str) -> (Self, ServerFrame) {
         let mut ws = Self::connect(base, doc, "").await;
@@ -404,13 +547,18 @@ impl Signer {
 
     /// A document's first snapshot.
     pub fn first_snapshot(&self, doc: &str, id: &str) -> String {
+        self.large_first_snapshot(doc, id, b"first snapshot")
+    }
+
+    /// A document's first snapshot of the given plaintext.
+    pub fn large_first_snapshot(&self, doc: &str, id: &str, content: &[u8]) -> String {
         let spec = secsync_client::frames::SnapshotSpec {
             doc_id: &secsync_protocol::DocumentId::parse(doc).unwrap(),
             snapshot_id: &secsync_protocol::SnapshotId::parse(id).unwrap(),
             parent: None,
             parent_snapshot_update_clocks: &std::collections::BTreeMap::new(),
         };
-        secsync_client::frames::build_snapshot(&spec, b"first snapshot", &self.doc_key, &self.key)
+        secsync_client::frames::build_snapshot(&spec, content, &self.doc_key, &self.key)
             .unwrap()
             .text
     }
@@ -458,5 +606,87 @@ pub fn update_clock(frame: &ServerFrame) -> Option<(String, u64)> {
             Some((u.signed.pub_key().as_str().to_owned(), u.clock.get()))
         }
         _ => None,
+    }
+}
+
+/// A WebSocket client that never sends anything after its handshake, not even a pong (the
+/// WebSocket library answers pings by itself): reads the server's frames raw.
+pub struct SilentWs {
+    stream: tokio::net::TcpStream,
+    buffer: Vec<u8>,
+}
+
+impl SilentWs {
+    pub async fn connect(port: u16, doc: &str) -> Self {
+        use tokio::io::AsyncWriteExt as _;
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let request = format!(
+            "GET /{doc}?sessionKey=k HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut ws = Self {
+            stream,
+            buffer: Vec::new(),
+        };
+        let end = loop {
+            if let Some(end) = ws.buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+            assert!(ws.read_more().await, "closed during the handshake");
+        };
+        let head = String::from_utf8_lossy(&ws.buffer[..end]).into_owned();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        ws.buffer.drain(..end);
+        ws
+    }
+
+    async fn read_more(&mut self) -> bool {
+        use tokio::io::AsyncReadExt as _;
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(WAIT, self.stream.read(&mut chunk))
+            .await
+            .expect("timed out waiting for the server")
+            .unwrap_or(0);
+        self.buffer.extend_from_slice(&chunk[..n]);
+        n > 0
+    }
+
+    /// The next frame from the server, as (opcode, payload); `None` once the socket closed.
+    pub async fn frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        loop {
+            if let Some(frame) = self.parse() {
+                return Some(frame);
+            }
+            if !self.read_more().await {
+                return None;
+            }
+        }
+    }
+
+    fn parse(&mut self) -> Option<(u8, Vec<u8>)> {
+        let b = &self.buffer;
+        if b.len() < 2 {
+            return None;
+        }
+        let opcode = b[0] & 0x0f;
+        let (length, header) = match b[1] & 0x7f {
+            126 if b.len() >= 4 => (usize::from(u16::from_be_bytes([b[2], b[3]])), 4),
+            127 if b.len() >= 10 => (
+                usize::try_from(u64::from_be_bytes(b[2..10].try_into().unwrap())).unwrap(),
+                10,
+            ),
+            126 | 127 => return None,
+            n => (usize::from(n), 2),
+        };
+        if b.len() < header + length {
+            return None;
+        }
+        let payload = b[header..header + length].to_vec();
+        self.buffer.drain(..header + length);
+        Some((opcode, payload))
     }
 }

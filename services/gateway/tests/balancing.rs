@@ -1,0 +1,375 @@
+//! `--persistence` balancing over a name with several addresses, with real processes: two
+//! persistence processes on one database, on 127.0.0.1 and 127.0.0.2 with the same port, and a
+//! gateway that reaches them under ONE host name. The name resolves to both addresses through a
+//! private /etc/hosts bind-mounted in a mount namespace of the gateway's own (`unshare --mount`),
+//! so the gateway's resolver path (getaddrinfo, every few seconds) is the real one and the
+//! machine's /etc/hosts is untouched.
+//!
+//! The persistence processes are this test binary started again, running
+//! [`persistence_process`]: the persistence service with a wrapper that prints a line for every
+//! call it serves, so the test sees which instance served what.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    clippy::disallowed_methods // the child process reads its one setting from the environment
+)]
+
+mod common;
+
+use std::io::{BufRead as _, BufReader};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+
+use common::{doc_id, nats_url, update_clock, Database, Gateway, Signer, Ws, WAIT};
+use secsync_persistence::grpc::PersistenceService;
+use secsync_persistence::postgres::{PgBackend, PgSettings};
+use secsync_persistence::{Core, CoreOptions};
+use secsync_protocol::ServerFrame;
+use secsync_rpc::v1 as pb;
+use secsync_rpc::v1::persistence_server::{Persistence, PersistenceServer};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+/// The name both persistence instances are reached under (`.test` is reserved for testing).
+const NAME: &str = "persistence.balancing.test";
+/// Set in a child process: `ADDRESS DATABASE_URL` to serve.
+const CHILD: &str = "SECSYNC_TEST_PERSISTENCE_PROCESS";
+/// The helper test the children run.
+const CHILD_TEST: &str = "persistence_process";
+
+/// Not a test of its own: the body of a persistence process (see the module's documentation).
+/// Without [`CHILD`] set it returns at once.
+#[test]
+#[ignore = "started as a child process by the balancing test"]
+fn persistence_process() {
+    let Ok(spec) = std::env::var(CHILD) else {
+        return;
+    };
+    let (address, database) = spec.split_once(' ').unwrap();
+    let address: SocketAddr = address.parse().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(address).await.unwrap();
+        let backend = PgBackend::connect_lazy(database, &PgSettings::default()).unwrap();
+        backend.migrate().await.unwrap();
+        let service = Counting(PersistenceService::new(Core::start(
+            backend,
+            CoreOptions::default(),
+        )));
+        // On a line of its own: the test harness has just printed the test's name.
+        println!("\nlistening {address}");
+        tonic::transport::Server::builder()
+            .add_service(PersistenceServer::new(service))
+            .serve_with_incoming(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            )
+            .await
+            .unwrap();
+    });
+}
+
+/// The persistence service, printing `served METHOD` for every call before serving it.
+struct Counting(PersistenceService<PgBackend>);
+
+fn served(method: &str) {
+    println!("served {method}");
+}
+
+#[tonic::async_trait]
+impl Persistence for Counting {
+    type LoadDocumentStream = <PersistenceService<PgBackend> as Persistence>::LoadDocumentStream;
+    type ReadEventsStream = <PersistenceService<PgBackend> as Persistence>::ReadEventsStream;
+
+    async fn load_document(
+        &self,
+        request: Request<pb::LoadDocumentRequest>,
+    ) -> Result<Response<Self::LoadDocumentStream>, Status> {
+        served("load_document");
+        self.0.load_document(request).await
+    }
+
+    async fn submit_snapshot(
+        &self,
+        request: Request<pb::SubmitSnapshotRequest>,
+    ) -> Result<Response<pb::SubmitResponse>, Status> {
+        served("submit_snapshot");
+        self.0.submit_snapshot(request).await
+    }
+
+    async fn submit_update(
+        &self,
+        request: Request<pb::SubmitUpdateRequest>,
+    ) -> Result<Response<pb::SubmitResponse>, Status> {
+        served("submit_update");
+        self.0.submit_update(request).await
+    }
+
+    async fn read_events(
+        &self,
+        request: Request<pb::ReadEventsRequest>,
+    ) -> Result<Response<Self::ReadEventsStream>, Status> {
+        served("read_events");
+        self.0.read_events(request).await
+    }
+
+    async fn get_heads(
+        &self,
+        request: Request<pb::GetHeadsRequest>,
+    ) -> Result<Response<pb::GetHeadsResponse>, Status> {
+        served("get_heads");
+        self.0.get_heads(request).await
+    }
+}
+
+/// One persistence process on a fixed address; killed on drop.
+struct PersistenceProcess {
+    address: SocketAddr,
+    database: String,
+    child: Option<Child>,
+    /// Updates this process (the current one, not an earlier one on the same address) served.
+    updates: watch::Receiver<u64>,
+}
+
+impl PersistenceProcess {
+    fn start(address: SocketAddr, database: &str) -> Self {
+        let mut process = Self {
+            address,
+            database: database.to_owned(),
+            child: None,
+            updates: watch::channel(0).1,
+        };
+        process.start_again();
+        process
+    }
+
+    /// Starts a new process on the same address; returns once it listens.
+    fn start_again(&mut self) {
+        assert!(self.child.is_none(), "still running");
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([CHILD_TEST, "--exact", "--ignored", "--nocapture"])
+            .args(["--test-threads", "1"])
+            .env(CHILD, format!("{} {}", self.address, self.database))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start a persistence process");
+        let stdout = child.stdout.take().unwrap();
+        let (updates, counted) = watch::channel(0u64);
+        let updates = Arc::new(updates);
+        let (listening, is_listening) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("listening ") {
+                    let _ = listening.send(());
+                } else if line == "served submit_update" {
+                    updates.send_modify(|n| *n += 1);
+                }
+            }
+        });
+        if is_listening.recv_timeout(WAIT).is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("persistence on {} did not start", self.address);
+        }
+        self.child = Some(child);
+        self.updates = counted;
+    }
+
+    /// SIGKILL: no drain, open connections just break.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn updates(&self) -> u64 {
+        *self.updates.borrow()
+    }
+
+    /// Waits until this process has served at least `count` updates.
+    async fn served_updates(&mut self, count: u64) {
+        let address = self.address;
+        tokio::time::timeout(WAIT, self.updates.wait_for(|n| *n >= count))
+            .await
+            .unwrap_or_else(|_| panic!("{address} served fewer than {count} updates"))
+            .unwrap();
+    }
+}
+
+impl Drop for PersistenceProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A port free on both 127.0.0.1 and 127.0.0.2, below the ephemeral range: a port from that
+/// range could meanwhile become the source port of some outgoing connection (even one of the
+/// gateway's own reconnect attempts), and then the killed instance could not listen again.
+fn port_free_on_both() -> u16 {
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let low = 10_000u16.min(ephemeral_start / 2);
+    for _ in 0..200 {
+        let port = low + rand::random::<u16>() % (ephemeral_start - low);
+        let free = |ip: Ipv4Addr| TcpListener::bind(SocketAddrV4::new(ip, port)).is_ok();
+        if free(Ipv4Addr::LOCALHOST) && free(Ipv4Addr::new(127, 0, 0, 2)) {
+            return port;
+        }
+    }
+    panic!("no port free on both 127.0.0.1 and 127.0.0.2");
+}
+
+/// A hosts file naming both instances.
+fn hosts_file() -> (PathBuf, impl Drop) {
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let path = std::env::temp_dir().join(format!(
+        "secsync-hosts-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::write(
+        &path,
+        format!("127.0.0.1 localhost\n127.0.0.1 {NAME}\n127.0.0.2 {NAME}\n"),
+    )
+    .unwrap();
+    (path.clone(), Remove(path))
+}
+
+/// The command prefix that runs a program with `hosts` as its /etc/hosts, in a mount namespace
+/// of its own (the bind mount is invisible to every other process). Checked here, so a machine
+/// where it cannot work fails with the reason instead of a confusing gateway error.
+fn with_private_hosts(hosts: &Path) -> Vec<String> {
+    let script = r#"mount --bind "$0" /etc/hosts && exec "$@""#;
+    let attempts: [&[&str]; 2] = [&["--mount"], &["--mount", "--map-root-user"]];
+    let mut failures = Vec::new();
+    for flags in attempts {
+        let mut prefix: Vec<String> = vec!["unshare".into()];
+        prefix.extend(flags.iter().map(|f| (*f).to_owned()));
+        prefix.extend(["sh".into(), "-c".into(), script.into()]);
+        prefix.push(hosts.display().to_string());
+        let output = Command::new(&prefix[0])
+            .args(&prefix[1..])
+            .args(["getent", "ahostsv4", NAME])
+            .output();
+        match output {
+            Ok(output) => {
+                let text = String::from_utf8_lossy(&output.stdout);
+                if text.contains("127.0.0.1") && text.contains("127.0.0.2") {
+                    return prefix;
+                }
+                failures.push(format!(
+                    "unshare {flags:?}: exit {:?}, stdout {text:?}, stderr {:?}",
+                    output.status.code(),
+                    String::from_utf8_lossy(&output.stderr)
+                ));
+            }
+            Err(error) => failures.push(format!("unshare {flags:?}: {error}")),
+        }
+    }
+    panic!("cannot give the gateway a private /etc/hosts: {failures:#?}");
+}
+
+/// Sends one update; it must be acknowledged.
+async fn write(writer: &mut Ws, signer: &Signer, doc: &str, clock: &mut u64) {
+    writer.send(&signer.update(doc, "S1", *clock)).await;
+    match writer.next().await {
+        Some(ServerFrame::UpdateSaved { .. }) => *clock += 1,
+        other => panic!("update {clock}: {other:?}"),
+    }
+}
+
+/// Opens the document; a load that fails (close 1011, the client would reconnect) is tried
+/// again, a bounded number of times.
+async fn open_retrying(base: &str, doc: &str) -> ServerFrame {
+    for _ in 0..50 {
+        let mut ws = Ws::connect(base, doc, "").await;
+        match ws.next().await {
+            Some(first) => return first,
+            None => assert_eq!(ws.closed, Some(1011)),
+        }
+    }
+    panic!("no load succeeded");
+}
+
+/// Writes go on while either instance is down, and both serve calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistence_balancing_follows_a_name_with_two_addresses() {
+    let database = Database::create().await;
+    let port = port_free_on_both();
+    let mut first =
+        PersistenceProcess::start(SocketAddr::from(([127, 0, 0, 1], port)), database.url());
+    let mut second =
+        PersistenceProcess::start(SocketAddr::from(([127, 0, 0, 2], port)), database.url());
+    let (hosts, _remove_hosts) = hosts_file();
+    let wrapper = with_private_hosts(&hosts);
+    let gateway = Gateway::start_wrapped(
+        &wrapper,
+        &format!("http://{NAME}:{port}"),
+        &nats_url(),
+        // Every retry picks an instance anew, half the time the dead one until it is noticed:
+        // room for many retries.
+        &["--write-retry-seconds", "60"],
+    );
+    gateway.ready().await;
+
+    let doc = doc_id("balance");
+    let signer = Signer::new(1);
+    let (mut writer, _) = Ws::open(&gateway.url(), &doc).await;
+    writer.send(&signer.first_snapshot(&doc, "S1")).await;
+    assert!(matches!(
+        writer.next().await,
+        Some(ServerFrame::SnapshotSaved(_))
+    ));
+    let mut clock = 0;
+
+    // (b) Both up: the gateway spreads its writes over both addresses.
+    while first.updates() == 0 || second.updates() == 0 {
+        assert!(
+            clock < 200,
+            "one instance served nothing in {clock} updates"
+        );
+        write(&mut writer, &signer, &doc, &mut clock).await;
+    }
+
+    // (a) The first one killed: writes go on, served by the second alone.
+    first.kill();
+    let before = second.updates();
+    for _ in 0..20 {
+        write(&mut writer, &signer, &doc, &mut clock).await;
+    }
+    second.served_updates(before + 20).await;
+
+    // The first back on its address, the second killed: writes go on, served by the first.
+    first.start_again();
+    second.kill();
+    for _ in 0..20 {
+        write(&mut writer, &signer, &doc, &mut clock).await;
+    }
+    first.served_updates(20).await;
+
+    // Every acknowledged update is stored once, in order: a new client loads them all.
+    let ServerFrame::Document { updates, .. } = open_retrying(&gateway.url(), &doc).await else {
+        panic!("no document")
+    };
+    let clocks: Vec<u64> = updates
+        .iter()
+        .map(|u| update_clock(&ServerFrame::Update(u.clone())).unwrap().1)
+        .collect();
+    assert_eq!(clocks, (0..clock).collect::<Vec<_>>());
+}
