@@ -1,8 +1,20 @@
-//! The store over gRPC: calls the persistence service, balanced over every address its name
-//! resolves to (a Kubernetes headless service lists one per pod) and following changes.
+//! The store over gRPC: calls the persistence service over every address its name resolves to
+//! (a Kubernetes headless service lists one per pod), following changes of the name.
+//!
+//! Not tonic's `balance_channel`: that one keeps picking an address whose process is gone but
+//! which is still in DNS (a stopped pod stays listed until its endpoints are updated), so about
+//! one call in two failed. Here every address has its own lazily connected channel and a health
+//! state: a call that fails at the connection level marks its address down, and a background
+//! probe (the cheap `GetHeads([])`) marks it up again once it answers. Calls go round robin over
+//! the addresses that are up; a call that failed at the connection level is tried once more on
+//! another address that is up. That retry is safe: loads and reads are reads, and submissions
+//! carry their request id, which persistence stores with the message (a UNIQUE column) and
+//! answers a repeated one with the first outcome.
 
-use std::collections::HashSet;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -25,54 +37,236 @@ pub struct GrpcStoreOptions {
     pub call_timeout: Duration,
     /// How often the name is resolved again.
     pub resolve_every: Duration,
+    /// How often an address that is down is probed.
+    pub probe_every: Duration,
+}
+
+/// One address of the persistence service.
+#[derive(Debug)]
+struct Replica {
+    address: SocketAddr,
+    client: PersistenceClient<Channel>,
+    /// False after a connection-level failure, until a probe succeeds.
+    up: AtomicBool,
+}
+
+impl Replica {
+    fn mark_down(&self, status: &tonic::Status) {
+        if self.up.swap(false, Ordering::SeqCst) {
+            tracing::warn!(
+                address = %self.address,
+                error = %status.message(),
+                "persistence address down"
+            );
+        }
+    }
+}
+
+/// The addresses the name resolves to now.
+#[derive(Debug)]
+struct Pool {
+    replicas: RwLock<Arc<[Arc<Replica>]>>,
+    /// Counts resolutions that changed the set; calls made before the first one wait for it.
+    resolved: tokio::sync::watch::Sender<u64>,
+    next: AtomicUsize,
+}
+
+impl Pool {
+    fn snapshot(&self) -> Arc<[Arc<Replica>]> {
+        match self.replicas.read() {
+            Ok(replicas) => replicas.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The next address that is up, round robin, other than `not`. When none is up, a first
+    /// attempt (`not` is `None`) still takes one: it fails as fast as before, and succeeds as
+    /// soon as the address is back even if no probe has noticed yet.
+    fn pick(&self, not: Option<SocketAddr>) -> Option<Arc<Replica>> {
+        let replicas = self.snapshot();
+        if replicas.is_empty() {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let count = replicas.len();
+        let candidates = (0..count).map(|i| &replicas[(start + i) % count]);
+        for replica in candidates.clone() {
+            if replica.up.load(Ordering::SeqCst) && Some(replica.address) != not {
+                return Some(replica.clone());
+            }
+        }
+        if not.is_some() {
+            return None;
+        }
+        candidates.into_iter().next().cloned()
+    }
 }
 
 /// The gRPC store. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct GrpcStore {
-    client: PersistenceClient<Channel>,
+    pool: Arc<Pool>,
     call_timeout: Duration,
 }
 
-impl GrpcStore {
-    /// Builds the balanced channel and starts the resolver task; connects lazily.
-    pub fn new(options: &GrpcStoreOptions) -> Result<Self, StoreError> {
-        let uri: tonic::transport::Uri = options
-            .url
+/// Why one attempt failed.
+#[derive(Debug)]
+enum Failure {
+    /// The address could not be reached, or the connection broke: another address may serve.
+    Connection(tonic::Status),
+    /// Anything else, the same on every address.
+    Store(StoreError),
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(status: tonic::Status) -> Self {
+        if connection_failure(&status) {
+            Self::Connection(status)
+        } else {
+            Self::Store(store_error(&status))
+        }
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(error: StoreError) -> Self {
+        Self::Store(error)
+    }
+}
+
+/// Whether a status comes from the connection rather than from the service: statuses the
+/// server sends carry no source error, the client's own transport errors do. Our own deadline
+/// is not one (a slow server is not a gone server).
+fn connection_failure(status: &tonic::Status) -> bool {
+    use std::error::Error as _;
+    use tonic::Code;
+    let mut source = status.source();
+    if source.is_none() {
+        return false;
+    }
+    while let Some(error) = source {
+        if error.is::<tonic::TimeoutExpired>() {
+            return false;
+        }
+        source = error.source();
+    }
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal
+    )
+}
+
+/// Host and port of the persistence URL.
+#[derive(Debug, Clone)]
+struct Target {
+    host: String,
+    port: u16,
+}
+
+impl Target {
+    fn parse(url: &str) -> Result<Self, StoreError> {
+        let uri: tonic::transport::Uri = url
             .parse()
-            .map_err(|e| StoreError::Failed(format!("bad persistence url: {e}")))?;
-        let host = uri.host().unwrap_or("127.0.0.1").to_owned();
-        let port = uri.port_u16().unwrap_or(50051);
-        let (channel, changes) = Channel::balance_channel::<SocketAddr>(64);
-        let resolve_every = options.resolve_every;
-        tokio::spawn(async move {
-            let mut known: HashSet<SocketAddr> = HashSet::new();
-            loop {
-                if let Ok(addrs) = tokio::net::lookup_host((host.as_str(), port)).await {
-                    let current: HashSet<SocketAddr> = addrs.collect();
-                    for gone in known.difference(&current) {
-                        let _ = changes.send(tower_change_remove(*gone)).await;
-                    }
-                    for new in current.difference(&known) {
-                        if let Ok(endpoint) = Endpoint::from_shared(format!("http://{new}")) {
-                            let endpoint = endpoint
-                                .connect_timeout(Duration::from_secs(2))
-                                .tcp_nodelay(true);
-                            let _ = changes.send(tower_change_insert(*new, endpoint)).await;
-                        }
-                    }
-                    known = current;
-                }
-                tokio::time::sleep(resolve_every).await;
-            }
-        });
-        let client = PersistenceClient::new(channel)
-            .max_decoding_message_size(options.max_message_bytes)
-            .max_encoding_message_size(options.max_message_bytes);
+            .map_err(|e| StoreError::Failed(format!("bad persistence url {url:?}: {e}")))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(StoreError::Failed(format!(
+                "bad persistence url {url:?}: the scheme must be http://"
+            )));
+        }
+        let host = uri
+            .host()
+            .ok_or_else(|| StoreError::Failed(format!("bad persistence url {url:?}: no host")))?;
         Ok(Self {
-            client,
+            // An IPv6 literal comes bracketed; the resolver wants it bare.
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+            port: uri.port_u16().unwrap_or(50051),
+        })
+    }
+
+    /// A lazily connected client for one resolved address.
+    fn client(
+        address: SocketAddr,
+        options: &GrpcStoreOptions,
+    ) -> Result<PersistenceClient<Channel>, tonic::transport::Error> {
+        let channel = Endpoint::from_shared(format!("http://{address}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            // A peer that vanished without closing (a stopped machine) is noticed by pings
+            // instead of by the next call's deadline.
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        Ok(PersistenceClient::new(channel)
+            .max_decoding_message_size(options.max_message_bytes)
+            .max_encoding_message_size(options.max_message_bytes))
+    }
+}
+
+impl GrpcStore {
+    /// Starts resolving the name and probing addresses that are down; connects lazily.
+    pub fn new(options: &GrpcStoreOptions) -> Result<Self, StoreError> {
+        let target = Target::parse(&options.url)?;
+        let pool = Arc::new(Pool {
+            replicas: RwLock::new(Arc::from(Vec::new())),
+            resolved: tokio::sync::watch::channel(0).0,
+            next: AtomicUsize::new(0),
+        });
+        tokio::spawn(maintain(Arc::downgrade(&pool), target, options.clone()));
+        Ok(Self {
+            pool,
             call_timeout: options.call_timeout,
         })
+    }
+
+    /// An address for a first attempt; before the name's first resolution, waits for it.
+    async fn replica(&self) -> Result<Arc<Replica>, StoreError> {
+        let mut resolved = self.pool.resolved.subscribe();
+        let wait = tokio::time::timeout(self.call_timeout, async {
+            loop {
+                if let Some(replica) = self.pool.pick(None) {
+                    return Some(replica);
+                }
+                resolved.changed().await.ok()?;
+            }
+        });
+        wait.await.ok().flatten().ok_or_else(|| {
+            StoreError::Unavailable("the persistence name resolves to no address".into())
+        })
+    }
+
+    /// Runs `attempt` on an address that is up; after a connection-level failure, once more on
+    /// another one (see the module's documentation for why that is safe).
+    async fn call<T, F, Fut>(&self, attempt: F) -> Result<T, StoreError>
+    where
+        F: Fn(PersistenceClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
+        let first = self.replica().await?;
+        let status = match attempt(first.client.clone()).await {
+            Ok(value) => return Ok(value),
+            Err(Failure::Store(error)) => return Err(error),
+            Err(Failure::Connection(status)) => status,
+        };
+        first.mark_down(&status);
+        let Some(second) = self.pool.pick(Some(first.address)) else {
+            return Err(store_error(&status));
+        };
+        tracing::debug!(
+            from = %first.address,
+            to = %second.address,
+            "retrying on another persistence address"
+        );
+        match attempt(second.client.clone()).await {
+            Ok(value) => Ok(value),
+            Err(Failure::Store(error)) => Err(error),
+            Err(Failure::Connection(status)) => {
+                second.mark_down(&status);
+                Err(store_error(&status))
+            }
+        }
     }
 
     fn request<T>(&self, message: T) -> tonic::Request<T> {
@@ -92,17 +286,100 @@ impl GrpcStore {
     }
 }
 
-fn tower_change_insert(
-    addr: SocketAddr,
-    endpoint: Endpoint,
-) -> tonic::transport::channel::Change<SocketAddr, Endpoint> {
-    tonic::transport::channel::Change::Insert(addr, endpoint)
+/// Follows the name (every `resolve_every`) and probes addresses that are down (every
+/// `probe_every`), until the store is dropped.
+async fn maintain(pool: Weak<Pool>, target: Target, options: GrpcStoreOptions) {
+    use tokio::time::MissedTickBehavior;
+    let mut resolve = tokio::time::interval(options.resolve_every);
+    let mut probe = tokio::time::interval(options.probe_every);
+    resolve.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    probe.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let probe_timeout = options.call_timeout.min(Duration::from_secs(2));
+    let mut resolving = true;
+    loop {
+        tokio::select! {
+            _ = resolve.tick() => {
+                match tokio::net::lookup_host((target.host.as_str(), target.port)).await {
+                    Ok(addresses) => {
+                        resolving = true;
+                        let Some(pool) = pool.upgrade() else { return };
+                        update(&pool, &addresses.collect(), &options);
+                    }
+                    // Keep the addresses we have: a name that fails to resolve for a moment
+                    // (DNS trouble, no pod ready) should not stop the calls that would succeed.
+                    Err(error) => {
+                        if resolving {
+                            tracing::warn!(host = %target.host, %error, "cannot resolve persistence");
+                        }
+                        resolving = false;
+                    }
+                }
+            }
+            _ = probe.tick() => {
+                let Some(pool) = pool.upgrade() else { return };
+                probe_down(&pool, probe_timeout).await;
+            }
+        }
+    }
 }
 
-fn tower_change_remove(
-    addr: SocketAddr,
-) -> tonic::transport::channel::Change<SocketAddr, Endpoint> {
-    tonic::transport::channel::Change::Remove(addr)
+/// Makes the pool the resolved addresses, keeping the channels and states of those it had.
+fn update(
+    pool: &Pool,
+    addresses: &std::collections::BTreeSet<SocketAddr>,
+    options: &GrpcStoreOptions,
+) {
+    let current = pool.snapshot();
+    if current
+        .iter()
+        .map(|r| r.address)
+        .eq(addresses.iter().copied())
+    {
+        return;
+    }
+    let mut replicas = Vec::with_capacity(addresses.len());
+    for &address in addresses {
+        if let Some(known) = current.iter().find(|r| r.address == address) {
+            replicas.push(known.clone());
+            continue;
+        }
+        match Target::client(address, options) {
+            Ok(client) => replicas.push(Arc::new(Replica {
+                address,
+                client,
+                up: AtomicBool::new(true),
+            })),
+            Err(error) => tracing::warn!(%address, %error, "cannot use persistence address"),
+        }
+    }
+    tracing::info!(addresses = ?addresses, "persistence addresses");
+    match pool.replicas.write() {
+        Ok(mut slot) => *slot = replicas.into(),
+        Err(poisoned) => *poisoned.into_inner() = replicas.into(),
+    }
+    pool.resolved.send_modify(|n| *n += 1);
+}
+
+/// Asks every address that is down whether it answers again.
+async fn probe_down(pool: &Pool, timeout: Duration) {
+    let down: Vec<Arc<Replica>> = pool
+        .snapshot()
+        .iter()
+        .filter(|r| !r.up.load(Ordering::SeqCst))
+        .cloned()
+        .collect();
+    futures::future::join_all(down.into_iter().map(|replica| async move {
+        let mut request = tonic::Request::new(pb::GetHeadsRequest {
+            document_ids: Vec::new(),
+        });
+        request.set_timeout(timeout);
+        if replica.client.clone().get_heads(request).await.is_ok()
+            && !replica.up.swap(true, Ordering::SeqCst)
+        {
+            tracing::info!(address = %replica.address, "persistence address up again");
+        }
+    }))
+    .await;
 }
 
 /// The one mapping of gRPC statuses to store errors.
@@ -142,44 +419,23 @@ fn submitted(response: pb::SubmitResponse) -> Result<Submitted, StoreError> {
     }
 }
 
-#[async_trait]
-impl Store for GrpcStore {
-    async fn load(
+/// One attempt of each call, on one address.
+impl GrpcStore {
+    async fn load_from(
         &self,
-        doc: &DocumentId,
-        request: &LoadRequest,
-        create: bool,
-    ) -> Result<Loaded, StoreError> {
+        mut client: PersistenceClient<Channel>,
+        message: pb::LoadDocumentRequest,
+    ) -> Result<Loaded, Failure> {
         use pb::load_document_chunk::Part;
-        let message = pb::LoadDocumentRequest {
-            document_id: doc.as_str().to_owned(),
-            mode: match request.mode {
-                LoadMode::Complete => pb::LoadMode::Complete,
-                LoadMode::Delta => pb::LoadMode::Delta,
-            } as i32,
-            known_snapshot_id: request
-                .known_snapshot_id
-                .as_ref()
-                .map(|s| s.as_str().to_owned()),
-            known_clocks: request
-                .known_clocks
-                .iter()
-                .map(|(k, v)| (k.clone(), v.get()))
-                .collect(),
-            create,
-        };
-        let mut stream = self
-            .client
-            .clone()
+        let mut stream = client
             .load_document(self.request(message))
-            .await
-            .map_err(|s| store_error(&s))?
+            .await?
             .into_inner();
         let mut loaded = Loaded::default();
         let mut snapshot = String::new();
         let mut has_snapshot = false;
         while let Some(chunk) = stream.next().await {
-            match chunk.map_err(|s| store_error(&s))?.part {
+            match chunk?.part {
                 Some(Part::Header(h)) => {
                     loaded.found = h.found;
                     loaded.sequence = h.sequence;
@@ -215,62 +471,49 @@ impl Store for GrpcStore {
         Ok(loaded)
     }
 
-    async fn submit(
+    async fn submit_to(
         &self,
-        doc: &DocumentId,
+        mut client: PersistenceClient<Channel>,
         kind: SubmitKind,
-        body: &str,
-        request_id: &RequestId,
-    ) -> Result<Submitted, StoreError> {
-        let id = Some(pb::RequestId {
-            gateway: request_id.gateway.clone(),
-            connection: request_id.connection,
-            frame: request_id.frame,
-        });
-        let mut client = self.client.clone();
+        document_id: String,
+        body: String,
+        request_id: pb::RequestId,
+    ) -> Result<Submitted, Failure> {
         let response = match kind {
             SubmitKind::Snapshot => {
                 client
                     .submit_snapshot(self.request(pb::SubmitSnapshotRequest {
-                        document_id: doc.as_str().to_owned(),
-                        body: body.to_owned(),
-                        request_id: id,
+                        document_id,
+                        body,
+                        request_id: Some(request_id),
                     }))
-                    .await
+                    .await?
             }
             SubmitKind::Update => {
                 client
                     .submit_update(self.request(pb::SubmitUpdateRequest {
-                        document_id: doc.as_str().to_owned(),
-                        body: body.to_owned(),
-                        request_id: id,
+                        document_id,
+                        body,
+                        request_id: Some(request_id),
                     }))
-                    .await
+                    .await?
             }
         };
-        submitted(response.map_err(|s| store_error(&s))?.into_inner())
+        Ok(submitted(response.into_inner())?)
     }
 
-    async fn events_after(
+    async fn events_from(
         &self,
-        doc: &DocumentId,
-        after: u64,
-        limit: u32,
-    ) -> Result<Vec<Event>, StoreError> {
-        let mut stream = self
-            .client
-            .clone()
-            .read_events(self.request(pb::ReadEventsRequest {
-                document_id: doc.as_str().to_owned(),
-                after_sequence: after,
-                limit,
-            }))
-            .await
-            .map_err(|s| store_error(&s))?
+        mut client: PersistenceClient<Channel>,
+        message: pb::ReadEventsRequest,
+    ) -> Result<Vec<Event>, Failure> {
+        let mut stream = client
+            .read_events(self.request(message))
+            .await?
             .into_inner();
         let mut events = Vec::new();
         while let Some(chunk) = stream.next().await {
-            for event in chunk.map_err(|s| store_error(&s))?.events {
+            for event in chunk?.events {
                 let kind = if event.kind == pb::EventKind::Snapshot as i32 {
                     SubmitKind::Snapshot
                 } else {
@@ -286,16 +529,92 @@ impl Store for GrpcStore {
         Ok(events)
     }
 
-    async fn heads(&self, docs: &[DocumentId]) -> Result<Vec<(DocumentId, u64)>, StoreError> {
-        let response = self
-            .client
-            .clone()
-            .get_heads(self.request(pb::GetHeadsRequest {
-                document_ids: docs.iter().map(|d| d.as_str().to_owned()).collect(),
-            }))
+    async fn heads_from(
+        &self,
+        mut client: PersistenceClient<Channel>,
+        message: pb::GetHeadsRequest,
+    ) -> Result<pb::GetHeadsResponse, Failure> {
+        Ok(client.get_heads(self.request(message)).await?.into_inner())
+    }
+}
+
+#[async_trait]
+impl Store for GrpcStore {
+    async fn load(
+        &self,
+        doc: &DocumentId,
+        request: &LoadRequest,
+        create: bool,
+    ) -> Result<Loaded, StoreError> {
+        let message = pb::LoadDocumentRequest {
+            document_id: doc.as_str().to_owned(),
+            mode: match request.mode {
+                LoadMode::Complete => pb::LoadMode::Complete,
+                LoadMode::Delta => pb::LoadMode::Delta,
+            } as i32,
+            known_snapshot_id: request
+                .known_snapshot_id
+                .as_ref()
+                .map(|s| s.as_str().to_owned()),
+            known_clocks: request
+                .known_clocks
+                .iter()
+                .map(|(k, v)| (k.clone(), v.get()))
+                .collect(),
+            create,
+        };
+        self.call(move |client| self.load_from(client, message.clone()))
             .await
-            .map_err(|s| store_error(&s))?
-            .into_inner();
+    }
+
+    async fn submit(
+        &self,
+        doc: &DocumentId,
+        kind: SubmitKind,
+        body: &str,
+        request_id: &RequestId,
+    ) -> Result<Submitted, StoreError> {
+        // The same request id on every attempt: persistence answers a repeat with the first
+        // outcome.
+        let id = pb::RequestId {
+            gateway: request_id.gateway.clone(),
+            connection: request_id.connection,
+            frame: request_id.frame,
+        };
+        self.call(move |client| {
+            self.submit_to(
+                client,
+                kind,
+                doc.as_str().to_owned(),
+                body.to_owned(),
+                id.clone(),
+            )
+        })
+        .await
+    }
+
+    async fn events_after(
+        &self,
+        doc: &DocumentId,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<Event>, StoreError> {
+        let message = pb::ReadEventsRequest {
+            document_id: doc.as_str().to_owned(),
+            after_sequence: after,
+            limit,
+        };
+        self.call(move |client| self.events_from(client, message.clone()))
+            .await
+    }
+
+    async fn heads(&self, docs: &[DocumentId]) -> Result<Vec<(DocumentId, u64)>, StoreError> {
+        let message = pb::GetHeadsRequest {
+            document_ids: docs.iter().map(|d| d.as_str().to_owned()).collect(),
+        };
+        let response = self
+            .call(move |client| self.heads_from(client, message.clone()))
+            .await?;
         Ok(docs
             .iter()
             .map(|d| {

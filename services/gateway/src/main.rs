@@ -19,6 +19,7 @@ async fn main() -> anyhow::Result<()> {
         max_message_bytes: sessions.max_frame_bytes + 64 * 1024,
         call_timeout: Duration::from_secs(10),
         resolve_every: Duration::from_secs(5),
+        probe_every: Duration::from_millis(500),
     })?;
     let bus = NatsBus::connect(&NatsOptions {
         url: config.nats.clone(),

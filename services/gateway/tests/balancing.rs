@@ -136,6 +136,8 @@ struct PersistenceProcess {
     child: Option<Child>,
     /// Updates this process (the current one, not an earlier one on the same address) served.
     updates: watch::Receiver<u64>,
+    /// Loads this process served.
+    loads: watch::Receiver<u64>,
 }
 
 impl PersistenceProcess {
@@ -145,6 +147,7 @@ impl PersistenceProcess {
             database: database.to_owned(),
             child: None,
             updates: watch::channel(0).1,
+            loads: watch::channel(0).1,
         };
         process.start_again();
         process
@@ -164,6 +167,7 @@ impl PersistenceProcess {
         let stdout = child.stdout.take().unwrap();
         let (updates, counted) = watch::channel(0u64);
         let updates = Arc::new(updates);
+        let (loads, loads_counted) = watch::channel(0u64);
         let (listening, is_listening) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -171,6 +175,8 @@ impl PersistenceProcess {
                     let _ = listening.send(());
                 } else if line == "served submit_update" {
                     updates.send_modify(|n| *n += 1);
+                } else if line == "served load_document" {
+                    loads.send_modify(|n| *n += 1);
                 }
             }
         });
@@ -181,6 +187,7 @@ impl PersistenceProcess {
         }
         self.child = Some(child);
         self.updates = counted;
+        self.loads = loads_counted;
     }
 
     /// SIGKILL: no drain, open connections just break.
@@ -193,6 +200,10 @@ impl PersistenceProcess {
 
     fn updates(&self) -> u64 {
         *self.updates.borrow()
+    }
+
+    fn loads(&self) -> u64 {
+        *self.loads.borrow()
     }
 
     /// Waits until this process has served at least `count` updates.
@@ -294,20 +305,46 @@ async fn write(writer: &mut Ws, signer: &Signer, doc: &str, clock: &mut u64) {
     }
 }
 
-/// Opens the document; a load that fails (close 1011, the client would reconnect) is tried
-/// again, a bounded number of times.
-async fn open_retrying(base: &str, doc: &str) -> ServerFrame {
-    for _ in 0..50 {
-        let mut ws = Ws::connect(base, doc, "").await;
-        match ws.next().await {
-            Some(first) => return first,
-            None => assert_eq!(ws.closed, Some(1011)),
-        }
-    }
-    panic!("no load succeeded");
+/// Opens the document; the load must succeed at once (no close with 1011).
+async fn load(base: &str, doc: &str) -> Vec<String> {
+    let (_ws, first) = Ws::open(base, doc).await;
+    let ServerFrame::Document { updates, .. } = first else {
+        unreachable!("Ws::open checks for a document")
+    };
+    updates
 }
 
-/// Writes go on while either instance is down, and both serve calls.
+/// `count` loads in a row, each succeeding at once.
+async fn loads(base: &str, doc: &str, count: usize) {
+    for _ in 0..count {
+        load(base, doc).await;
+    }
+}
+
+/// Writes until `process` has served one, within [`WAIT`]: the address was noticed to be back
+/// (by the gateway's probe) and takes traffic again.
+async fn write_until_served_by(
+    process: &PersistenceProcess,
+    writer: &mut Ws,
+    signer: &Signer,
+    doc: &str,
+    clock: &mut u64,
+) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while process.updates() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} takes no writes again",
+            process.address
+        );
+        write(writer, signer, doc, clock).await;
+    }
+}
+
+/// Writes and loads all succeed while either instance is down (the gateway neither retries
+/// writes in its sessions nor lets a load fail: the store moves a failed call to the other
+/// address and stops picking the dead one), both serve calls, and a restarted instance takes
+/// traffic again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persistence_balancing_follows_a_name_with_two_addresses() {
     let database = Database::create().await;
@@ -322,15 +359,16 @@ async fn persistence_balancing_follows_a_name_with_two_addresses() {
         &wrapper,
         &format!("http://{NAME}:{port}"),
         &nats_url(),
-        // Every retry picks an instance anew, half the time the dead one until it is noticed:
-        // room for many retries.
-        &["--write-retry-seconds", "60"],
+        // No retries in the session: a write that reaches a dead address must be saved by the
+        // store's own retry on the other address, or the client sees update-save-failed.
+        &["--write-retry-seconds", "0"],
     );
     gateway.ready().await;
+    let base = gateway.url();
 
     let doc = doc_id("balance");
     let signer = Signer::new(1);
-    let (mut writer, _) = Ws::open(&gateway.url(), &doc).await;
+    let (mut writer, _) = Ws::open(&base, &doc).await;
     writer.send(&signer.first_snapshot(&doc, "S1")).await;
     assert!(matches!(
         writer.next().await,
@@ -338,7 +376,7 @@ async fn persistence_balancing_follows_a_name_with_two_addresses() {
     ));
     let mut clock = 0;
 
-    // (b) Both up: the gateway spreads its writes over both addresses.
+    // Both up: the gateway spreads writes and loads over both addresses.
     while first.updates() == 0 || second.updates() == 0 {
         assert!(
             clock < 200,
@@ -346,28 +384,45 @@ async fn persistence_balancing_follows_a_name_with_two_addresses() {
         );
         write(&mut writer, &signer, &doc, &mut clock).await;
     }
+    loads(&base, &doc, 10).await;
+    assert!(first.loads() > 0 && second.loads() > 0, "loads not spread");
 
-    // (a) The first one killed: writes go on, served by the second alone.
+    // The first one killed, its address still in the name: every write and every load
+    // succeeds, served by the second alone.
     first.kill();
-    let before = second.updates();
+    let (before_updates, before_loads) = (second.updates(), second.loads());
     for _ in 0..20 {
         write(&mut writer, &signer, &doc, &mut clock).await;
+        loads(&base, &doc, 2).await;
     }
-    second.served_updates(before + 20).await;
+    loads(&base, &doc, 30).await;
+    second.served_updates(before_updates + 20).await;
+    assert!(
+        second.loads() >= before_loads + 70,
+        "loads served elsewhere"
+    );
 
-    // The first back on its address, the second killed: writes go on, served by the first.
+    // The first back on its address: it takes writes and loads again.
     first.start_again();
+    write_until_served_by(&first, &mut writer, &signer, &doc, &mut clock).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while first.loads() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no loads again");
+        load(&base, &doc).await;
+    }
+
+    // The second killed: writes and loads go on, served by the first.
     second.kill();
+    let before = first.updates();
     for _ in 0..20 {
         write(&mut writer, &signer, &doc, &mut clock).await;
+        loads(&base, &doc, 2).await;
     }
-    first.served_updates(20).await;
+    first.served_updates(before + 20).await;
 
     // Every acknowledged update is stored once, in order: a new client loads them all.
-    let ServerFrame::Document { updates, .. } = open_retrying(&gateway.url(), &doc).await else {
-        panic!("no document")
-    };
-    let clocks: Vec<u64> = updates
+    let clocks: Vec<u64> = load(&base, &doc)
+        .await
         .iter()
         .map(|u| update_clock(&ServerFrame::Update(u.clone())).unwrap().1)
         .collect();
