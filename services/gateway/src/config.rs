@@ -5,6 +5,7 @@
 //! own configuration, so both binaries take the same flags with the same defaults.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,12 +26,34 @@ pub struct Config {
     pub listen: SocketAddr,
 
     /// Persistence service URL; the host may resolve to several addresses (all are used).
+    /// `https://` for TLS: the certificate must name the URL's host.
     #[arg(
         long,
         env = "SECSYNC_PERSISTENCE_URL",
         default_value = "http://127.0.0.1:50051"
     )]
     pub persistence: String,
+
+    /// PEM CA certificate(s) persistence's certificate must chain to (https:// URL only;
+    /// without it an https:// URL trusts the system's roots).
+    #[arg(long, env = "SECSYNC_PERSISTENCE_CA")]
+    pub persistence_ca: Option<PathBuf>,
+
+    /// PEM certificate presented to persistence (mutual TLS); needs --persistence-client-key.
+    #[arg(
+        long,
+        env = "SECSYNC_PERSISTENCE_CLIENT_CERT",
+        requires = "persistence_client_key"
+    )]
+    pub persistence_client_cert: Option<PathBuf>,
+
+    /// PEM private key of --persistence-client-cert (a secret: only its path is ever logged).
+    #[arg(
+        long,
+        env = "SECSYNC_PERSISTENCE_CLIENT_KEY",
+        requires = "persistence_client_cert"
+    )]
+    pub persistence_client_key: Option<PathBuf>,
 
     /// NATS URL.
     #[arg(
@@ -50,6 +73,40 @@ pub struct Config {
 
     #[command(flatten)]
     pub sessions: SessionArgs,
+}
+
+impl Config {
+    /// TLS towards persistence: the files the flags name, read now (`None`: plaintext).
+    pub fn persistence_tls(&self) -> anyhow::Result<Option<crate::grpc_store::ClientTls>> {
+        use anyhow::Context as _;
+        let read = |path: &PathBuf, flag: &str| {
+            std::fs::read(path).with_context(|| format!("{flag} {}", path.display()))
+        };
+        let https = self.persistence.starts_with("https://");
+        if !https && (self.persistence_ca.is_some() || self.persistence_client_cert.is_some()) {
+            anyhow::bail!(
+                "--persistence-ca and --persistence-client-cert need an https:// --persistence URL"
+            );
+        }
+        if !https {
+            return Ok(None);
+        }
+        let identity = match (&self.persistence_client_cert, &self.persistence_client_key) {
+            (Some(cert), Some(key)) => Some((
+                read(cert, "--persistence-client-cert")?,
+                read(key, "--persistence-client-key")?,
+            )),
+            _ => None,
+        };
+        Ok(Some(crate::grpc_store::ClientTls {
+            ca: self
+                .persistence_ca
+                .as_ref()
+                .map(|ca| read(ca, "--persistence-ca"))
+                .transpose()?,
+            identity,
+        }))
+    }
 }
 
 /// How WebSocket clients are served: shared by `secsync-gateway` and the embedded `secsync`.

@@ -10,6 +10,10 @@
 //! another address that is up. That retry is safe: loads and reads are reads, and submissions
 //! carry their request id, which persistence stores with the message (a UNIQUE column) and
 //! answers a repeated one with the first outcome.
+//!
+//! With an `https://` URL every connection is TLS, verified against the configured CA (or the
+//! system's roots) for the URL's host name: addresses are dialled by IP, but the certificate
+//! names the service, so the server name is the name from the URL, never the IP.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -22,15 +26,17 @@ use secsync_protocol::{DocumentId, LoadMode, LoadRequest, ProofEntry, Reason, Sn
 use secsync_rpc::v1 as pb;
 use secsync_rpc::v1::persistence_client::PersistenceClient;
 use tokio_stream::StreamExt as _;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::store::{Event, Loaded, RequestId, Store, StoreError, SubmitKind, Submitted};
 
 /// How the gateway reaches persistence.
 #[derive(Debug, Clone)]
 pub struct GrpcStoreOptions {
-    /// `http://host:port`; the host may resolve to several addresses.
+    /// `http://host:port` or `https://host:port`; the host may resolve to several addresses.
     pub url: String,
+    /// TLS settings; needed with (and only with) an `https://` URL.
+    pub tls: Option<ClientTls>,
     /// Largest gRPC message either way (frame limit plus room for the envelope).
     pub max_message_bytes: usize,
     /// Deadline of one call.
@@ -39,6 +45,55 @@ pub struct GrpcStoreOptions {
     pub resolve_every: Duration,
     /// How often an address that is down is probed.
     pub probe_every: Duration,
+}
+
+/// TLS towards persistence. Holds a private key, so its `Debug` shows only what is set.
+#[derive(Clone, Default)]
+pub struct ClientTls {
+    /// PEM CA certificate(s) persistence's certificate must chain to; `None`: the system's roots.
+    pub ca: Option<Vec<u8>>,
+    /// PEM certificate and private key the gateway presents (mutual TLS).
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("ca", &self.ca.is_some())
+            .field("client_certificate", &self.identity.is_some())
+            .finish()
+    }
+}
+
+impl ClientTls {
+    /// tonic's configuration, checked (certificates and key parse) so that a bad file is an
+    /// error at start, not a failure of every call.
+    fn config(&self, host: &str) -> Result<ClientTlsConfig, StoreError> {
+        let mut config = ClientTlsConfig::new()
+            .domain_name(host)
+            // A peer that accepts TCP but never finishes the handshake.
+            .timeout(Duration::from_secs(5));
+        config = match &self.ca {
+            Some(ca) => {
+                if !String::from_utf8_lossy(ca).contains("-----BEGIN CERTIFICATE-----") {
+                    return Err(StoreError::Failed(
+                        "persistence CA: no PEM certificate in the file".into(),
+                    ));
+                }
+                config.ca_certificate(Certificate::from_pem(ca))
+            }
+            None => config.with_native_roots(),
+        };
+        if let Some((cert, key)) = &self.identity {
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        Endpoint::from_static("https://127.0.0.1")
+            .tls_config(config.clone())
+            .map_err(|e| {
+                StoreError::Failed(format!("persistence TLS: {:#}", anyhow::Error::new(e)))
+            })?;
+        Ok(config)
+    }
 }
 
 /// One address of the persistence service.
@@ -156,42 +211,55 @@ fn connection_failure(status: &tonic::Status) -> bool {
     )
 }
 
-/// Host and port of the persistence URL.
+/// Where and how persistence is reached: the URL's host and port, and TLS.
 #[derive(Debug, Clone)]
 struct Target {
     host: String,
     port: u16,
+    /// For `https://` URLs.
+    tls: Option<ClientTlsConfig>,
 }
 
 impl Target {
-    fn parse(url: &str) -> Result<Self, StoreError> {
-        let uri: tonic::transport::Uri = url
-            .parse()
-            .map_err(|e| StoreError::Failed(format!("bad persistence url {url:?}: {e}")))?;
-        if uri.scheme_str() != Some("http") {
-            return Err(StoreError::Failed(format!(
-                "bad persistence url {url:?}: the scheme must be http://"
-            )));
-        }
-        let host = uri
-            .host()
-            .ok_or_else(|| StoreError::Failed(format!("bad persistence url {url:?}: no host")))?;
+    fn parse(options: &GrpcStoreOptions) -> Result<Self, StoreError> {
+        let url = &options.url;
+        let bad = |why: &str| StoreError::Failed(format!("bad persistence url {url:?}: {why}"));
+        let uri: tonic::transport::Uri = url.parse().map_err(|e| bad(&format!("{e}")))?;
+        let host = uri.host().ok_or_else(|| bad("no host"))?;
+        // An IPv6 literal comes bracketed; the resolver and the TLS server name want it bare.
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let tls = match (uri.scheme_str(), &options.tls) {
+            (Some("http"), None) => None,
+            (Some("http"), Some(_)) => {
+                return Err(bad("TLS settings need an https:// url"));
+            }
+            (Some("https"), tls) => Some(tls.clone().unwrap_or_default().config(&host)?),
+            _ => return Err(bad("the scheme must be http:// or https://")),
+        };
         Ok(Self {
-            // An IPv6 literal comes bracketed; the resolver wants it bare.
-            host: host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned(),
+            host,
             port: uri.port_u16().unwrap_or(50051),
+            tls,
         })
     }
 
     /// A lazily connected client for one resolved address.
     fn client(
+        &self,
         address: SocketAddr,
         options: &GrpcStoreOptions,
     ) -> Result<PersistenceClient<Channel>, tonic::transport::Error> {
-        let channel = Endpoint::from_shared(format!("http://{address}"))?
+        let mut endpoint = Endpoint::from_shared(match self.tls {
+            Some(_) => format!("https://{address}"),
+            None => format!("http://{address}"),
+        })?;
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone())?;
+        }
+        let channel = endpoint
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             // A peer that vanished without closing (a stopped machine) is noticed by pings
@@ -208,7 +276,7 @@ impl Target {
 impl GrpcStore {
     /// Starts resolving the name and probing addresses that are down; connects lazily.
     pub fn new(options: &GrpcStoreOptions) -> Result<Self, StoreError> {
-        let target = Target::parse(&options.url)?;
+        let target = Target::parse(options)?;
         let pool = Arc::new(Pool {
             replicas: RwLock::new(Arc::from(Vec::new())),
             resolved: tokio::sync::watch::channel(0).0,
@@ -303,7 +371,7 @@ async fn maintain(pool: Weak<Pool>, target: Target, options: GrpcStoreOptions) {
                     Ok(addresses) => {
                         resolving = true;
                         let Some(pool) = pool.upgrade() else { return };
-                        update(&pool, &addresses.collect(), &options);
+                        update(&pool, &addresses.collect(), &target, &options);
                     }
                     // Keep the addresses we have: a name that fails to resolve for a moment
                     // (DNS trouble, no pod ready) should not stop the calls that would succeed.
@@ -327,6 +395,7 @@ async fn maintain(pool: Weak<Pool>, target: Target, options: GrpcStoreOptions) {
 fn update(
     pool: &Pool,
     addresses: &std::collections::BTreeSet<SocketAddr>,
+    target: &Target,
     options: &GrpcStoreOptions,
 ) {
     let current = pool.snapshot();
@@ -343,7 +412,7 @@ fn update(
             replicas.push(known.clone());
             continue;
         }
-        match Target::client(address, options) {
+        match target.client(address, options) {
             Ok(client) => replicas.push(Arc::new(Replica {
                 address,
                 client,

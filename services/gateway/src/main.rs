@@ -16,6 +16,7 @@ async fn main() -> anyhow::Result<()> {
     let telemetry = secsync_telemetry::init("secsync-gateway", &sessions.log_format);
     let store = GrpcStore::new(&GrpcStoreOptions {
         url: config.persistence.clone(),
+        tls: config.persistence_tls()?,
         max_message_bytes: sessions.max_frame_bytes + 64 * 1024,
         call_timeout: Duration::from_secs(10),
         resolve_every: Duration::from_secs(5),

@@ -4,6 +4,10 @@
 //! core in-process, flattens it into its own configuration.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use clap::{Args, Parser};
 
@@ -34,12 +38,49 @@ pub struct Config {
     #[arg(long, env = "SECSYNC_MAX_MESSAGE_BYTES", default_value_t = 32 * 1024 * 1024 + 64 * 1024)]
     pub max_message_bytes: usize,
 
+    /// PEM certificate (chain) to serve gRPC over TLS with; needs --tls-key. Without it gRPC
+    /// is plaintext.
+    #[arg(long, env = "SECSYNC_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert (a secret: only its path is ever logged).
+    #[arg(long, env = "SECSYNC_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificate(s): when given, gateways must present a client certificate signed by
+    /// it (mutual TLS); needs --tls-cert.
+    #[arg(long, env = "SECSYNC_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
     #[command(flatten)]
     pub core: CoreArgs,
 
     /// Log format: `human` or `json`.
     #[arg(long, env = "SECSYNC_LOG_FORMAT", default_value = "human")]
     pub log_format: String,
+}
+
+impl Config {
+    /// The TLS these flags ask for, read from the files (`None`: plaintext). The PEM contents
+    /// are checked when the server is built, before anything else starts.
+    pub fn tls(&self) -> anyhow::Result<Option<ServerTlsConfig>> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
+            read(cert, "--tls-cert")?,
+            read(key, "--tls-key")?,
+        ));
+        if let Some(ca) = &self.tls_client_ca {
+            tls = tls.client_ca_root(Certificate::from_pem(read(ca, "--tls-client-ca")?));
+        }
+        Ok(Some(tls))
+    }
+}
+
+/// A file a flag names; the error says which flag and which file.
+fn read(path: &Path, flag: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("{flag} {}", path.display()))
 }
 
 /// How the persistence core runs: shared by `secsync-persistence` and the embedded `secsync`.

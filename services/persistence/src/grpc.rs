@@ -317,8 +317,8 @@ fn rpc_span(request: &tonic::codegen::http::Request<()>) -> tracing::Span {
     span
 }
 
-/// Runs migrations (retrying while the database is down), then serves gRPC with health and
-/// reflection on `listener` until `shutdown` resolves.
+/// Runs migrations (retrying while the database is down), then serves plaintext gRPC with
+/// health and reflection on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     backend: crate::postgres::PgBackend,
@@ -326,8 +326,47 @@ pub async fn serve(
     max_message_bytes: usize,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    serve_with(
+        listener,
+        backend,
+        options,
+        ServeOptions {
+            max_message_bytes,
+            tls: None,
+        },
+        shutdown,
+    )
+    .await
+}
+
+/// How the gRPC server is served.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Largest gRPC message either way.
+    pub max_message_bytes: usize,
+    /// TLS (and client certificates, when it names a client CA); `None`: plaintext.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
+}
+
+/// [`serve`], with TLS when `serve.tls` asks for it. Bad certificates or keys are an error
+/// before anything else happens (before migrations, which wait for the database).
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    backend: crate::postgres::PgBackend,
+    options: crate::core::CoreOptions,
+    serve: ServeOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     use std::time::Duration;
     use tonic_health::ServingStatus;
+
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = serve.tls {
+        server = server
+            .tls_config(tls)
+            .map_err(|e| format!("TLS certificate or key: {:#}", anyhow::Error::new(e)))?;
+    }
+    let max_message_bytes = serve.max_message_bytes;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     let service_name = "secsync.persistence.v1.Persistence";
@@ -374,7 +413,7 @@ pub async fn serve(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(secsync_rpc::v1::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    tonic::transport::Server::builder()
+    server
         .trace_fn(rpc_span)
         .add_service(health_service)
         .add_service(reflection)

@@ -2,7 +2,7 @@
 
 use clap::Parser as _;
 use secsync_persistence::config::Config;
-use secsync_persistence::grpc::serve;
+use secsync_persistence::grpc::{serve_with, ServeOptions};
 use secsync_persistence::postgres::{PgBackend, PgSettings};
 use secsync_persistence::CoreOptions;
 
@@ -10,6 +10,8 @@ use secsync_persistence::CoreOptions;
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     let telemetry = secsync_telemetry::init("secsync-persistence", &config.log_format);
+    // Certificate files first: a missing one stops the service before it connects anywhere.
+    let tls = config.tls()?;
     let backend = PgBackend::connect_lazy(
         &config.database_url,
         &PgSettings {
@@ -19,12 +21,20 @@ async fn main() -> anyhow::Result<()> {
     )?;
     let options = config.core.core_options(CoreOptions::default());
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    tracing::info!(listen = %listener.local_addr()?, "secsync-persistence starting");
-    serve(
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        tls = tls.is_some(),
+        client_certificates = config.tls_client_ca.is_some(),
+        "secsync-persistence starting"
+    );
+    serve_with(
         listener,
         backend,
         options,
-        config.max_message_bytes,
+        ServeOptions {
+            max_message_bytes: config.max_message_bytes,
+            tls,
+        },
         secsync_telemetry::shutdown_signal(),
     )
     .await
