@@ -71,11 +71,47 @@ pub struct Config {
     #[arg(long, env = "SECSYNC_NATS_PASSWORD", hide_env_values = true)]
     pub nats_password: Option<String>,
 
+    /// File holding the NKey seed (`SU…`) of the NATS user to connect as (the seed is a
+    /// secret: never logged; its public key is).
+    #[arg(
+        long,
+        env = "SECSYNC_NATS_NKEY_SEED_FILE",
+        conflicts_with_all = ["nats_user", "nats_creds_file"]
+    )]
+    pub nats_nkey_seed_file: Option<PathBuf>,
+
+    /// NATS credentials file (user JWT and NKey seed, as `nsc` writes it; a secret: never
+    /// logged).
+    #[arg(long, env = "SECSYNC_NATS_CREDS_FILE", conflicts_with = "nats_user")]
+    pub nats_creds_file: Option<PathBuf>,
+
     #[command(flatten)]
     pub sessions: SessionArgs,
 }
 
 impl Config {
+    /// How to authenticate to NATS; an NKey seed file is read and checked now.
+    pub fn nats_auth(&self) -> anyhow::Result<crate::nats_bus::NatsAuth> {
+        use crate::nats_bus::NatsAuth;
+        if let Some(path) = &self.nats_nkey_seed_file {
+            let seed = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("--nats-nkey-seed-file {}: {e}", path.display()))?;
+            return NatsAuth::nkey(&seed)
+                .map_err(|why| anyhow::anyhow!("--nats-nkey-seed-file {}: {why}", path.display()));
+        }
+        if let Some(path) = &self.nats_creds_file {
+            return Ok(NatsAuth::CredsFile(path.clone()));
+        }
+        match (&self.nats_user, &self.nats_password) {
+            (Some(user), Some(password)) => Ok(NatsAuth::User {
+                user: user.clone(),
+                password: password.clone(),
+            }),
+            (None, None) => Ok(NatsAuth::None),
+            _ => anyhow::bail!("--nats-user and --nats-password go together"),
+        }
+    }
+
     /// TLS towards persistence: the files the flags name, read now (`None`: plaintext).
     pub fn persistence_tls(&self) -> anyhow::Result<Option<crate::grpc_store::ClientTls>> {
         use anyhow::Context as _;

@@ -24,8 +24,7 @@ async fn main() -> anyhow::Result<()> {
     })?;
     let bus = NatsBus::connect(&NatsOptions {
         url: config.nats.clone(),
-        user: config.nats_user.clone(),
-        password: config.nats_password.clone(),
+        auth: config.nats_auth()?,
     })
     .await?;
     let gateway = Gateway::new(

@@ -53,8 +53,77 @@ fn trace_from(headers: &async_nats::HeaderMap) -> Trace {
 #[derive(Debug, Clone)]
 pub struct NatsOptions {
     pub url: String,
-    pub user: Option<String>,
-    pub password: Option<String>,
+    pub auth: NatsAuth,
+}
+
+/// How the gateway authenticates to NATS. Holds secrets, so its `Debug` names only the kind
+/// (and for an NKey, its public key).
+#[derive(Clone, Default)]
+pub enum NatsAuth {
+    /// No credentials.
+    #[default]
+    None,
+    User {
+        user: String,
+        password: String,
+    },
+    /// An NKey seed (`SU…`), checked when read.
+    NKey {
+        seed: String,
+        public_key: String,
+    },
+    /// A credentials file (user JWT and NKey seed), read and parsed at connect time.
+    CredsFile(std::path::PathBuf),
+}
+
+impl std::fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::None => f.write_str("None"),
+            Self::User { user, .. } => f.debug_struct("User").field("user", user).finish(),
+            Self::NKey { public_key, .. } => f
+                .debug_struct("NKey")
+                .field("public_key", public_key)
+                .finish(),
+            Self::CredsFile(path) => f.debug_tuple("CredsFile").field(path).finish(),
+        }
+    }
+}
+
+impl NatsAuth {
+    /// An NKey user from its seed (the file's content; surrounding white space ignored). The
+    /// error never contains the seed.
+    pub fn nkey(seed: &str) -> Result<Self, String> {
+        let seed = seed.trim();
+        let pair = nkeys::KeyPair::from_seed(seed)
+            .map_err(|_| "not an NKey seed (a line starting with SU)".to_owned())?;
+        if !matches!(pair.key_pair_type(), nkeys::KeyPairType::User) {
+            return Err("not the seed of an NKey user (SU…)".into());
+        }
+        Ok(Self::NKey {
+            seed: seed.to_owned(),
+            public_key: pair.public_key(),
+        })
+    }
+
+    async fn apply(
+        &self,
+        connect: async_nats::ConnectOptions,
+    ) -> Result<async_nats::ConnectOptions, BusError> {
+        Ok(match self {
+            Self::None => connect,
+            Self::User { user, password } => {
+                connect.user_and_password(user.clone(), password.clone())
+            }
+            Self::NKey { seed, .. } => connect.nkey(seed.clone()),
+            // async-nats reads it once, here: a bad file stops the gateway at start. Its errors
+            // name the file and what is wrong, never the contents.
+            Self::CredsFile(path) => connect
+                .credentials_file(path)
+                .await
+                .map_err(|e| BusError(format!("NATS credentials file {}: {e}", path.display())))?,
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -95,9 +164,8 @@ impl NatsBus {
                     }
                 }
             });
-        if let (Some(user), Some(password)) = (&options.user, &options.password) {
-            connect = connect.user_and_password(user.clone(), password.clone());
-        }
+        tracing::info!(auth = ?options.auth, "NATS authentication");
+        connect = options.auth.apply(connect).await?;
         let client = connect
             .connect(options.url.as_str())
             .await

@@ -14,43 +14,18 @@
 )]
 
 mod common;
+mod files;
 
 use std::path::{Path, PathBuf};
 
 use common::{doc_id, http_status, nats_url, Database, Gateway, Signer, Ws};
+use files::Files;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair,
 };
 use secsync_protocol::ServerFrame;
 use secsync_testkit::process::Service;
-
-/// A directory of PEM files, removed on drop.
-struct Files(PathBuf);
-
-impl Files {
-    fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "secsync-tls-{}-{:08x}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn write(&self, name: &str, contents: &str) -> String {
-        let path = self.0.join(name);
-        std::fs::write(&path, contents).unwrap();
-        path.display().to_string()
-    }
-}
-
-impl Drop for Files {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A certificate authority; its certificate is written as `{name}.pem`.
 struct Authority {
@@ -102,7 +77,7 @@ struct Pki {
 
 impl Pki {
     fn new() -> Self {
-        let files = Files::new();
+        let files = Files::new("tls");
         let ca = Authority::new(&files, "ca");
         let other_ca = Authority::new(&files, "other-ca");
         let (cert, key) = ca.issue(
@@ -279,7 +254,7 @@ async fn persistence_with_a_client_ca_serves_only_gateways_with_a_client_certifi
 /// Bad TLS configuration stops either binary at start with a message naming the problem.
 #[test]
 fn bad_tls_configuration_is_an_error_at_start() {
-    let files = Files::new();
+    let files = Files::new("tls");
     let not_pem = files.write("garbage.pem", "not a certificate\n");
     let missing = files.0.join("missing.pem").display().to_string();
     let gateway = env!("CARGO_BIN_EXE_secsync-gateway");
