@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use futures::Stream;
 use secsync_protocol::DocumentId;
 
+use crate::revocation::Revocation;
 use crate::store::SubmitKind;
 
 /// Which connection sent a message, so it is never echoed back to it.
@@ -131,6 +132,9 @@ pub struct BusError(pub String);
 
 pub type BusStream = Pin<Box<dyn Stream<Item = BusEvent> + Send>>;
 
+/// Revocations from every gateway (the publishing one included).
+pub type RevocationStream = Pin<Box<dyn Stream<Item = Revocation> + Send>>;
+
 #[async_trait]
 pub trait Bus: Send + Sync + 'static {
     async fn subscribe(&self, doc: &DocumentId) -> Result<BusStream, BusError>;
@@ -140,6 +144,10 @@ pub trait Bus: Send + Sync + 'static {
     fn resyncs(&self) -> tokio::sync::watch::Receiver<u64>;
     /// Whether the bus is connected now (readiness).
     fn connected(&self) -> bool;
+    /// Sends a revocation to every gateway, this one included (it applies it on arrival).
+    async fn publish_revocation(&self, revocation: &Revocation) -> Result<(), BusError>;
+    /// Every revocation published from now on.
+    async fn subscribe_revocations(&self) -> Result<RevocationStream, BusError>;
 }
 
 #[cfg(test)]

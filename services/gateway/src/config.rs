@@ -11,9 +11,12 @@ use std::time::Duration;
 
 use clap::{Args, Parser, ValueEnum};
 
+use crate::auth::callback::{CallbackAuthorizer, CallbackOptions};
+use crate::auth::jwt::{JwtAuthorizer, JwtOptions};
 use crate::auth::{Authorizer, OpenAccess};
-use crate::gateway::Limits;
+use crate::gateway::{AccessOptions, Limits};
 use crate::hub::HubOptions;
+use crate::revocation::RevocationOptions;
 use secsync_protocol::ParseOptions;
 
 /// The secsync WebSocket gateway: speaks the secsync protocol to clients, stores through the
@@ -148,9 +151,78 @@ impl Config {
 /// How WebSocket clients are served: shared by `secsync-gateway` and the embedded `secsync`.
 #[derive(Debug, Clone, Args)]
 pub struct SessionArgs {
-    /// Access control mode.
+    /// Access control mode (README.md "Access control").
     #[arg(long, env = "SECSYNC_AUTH", value_enum, default_value = "open")]
     pub auth: AuthMode,
+
+    /// jwt: the key file: an Ed25519 public key in PEM (EdDSA), an HS256 secret (>= 32 bytes)
+    /// or a JWKS document; re-read when it changes.
+    #[arg(long, env = "SECSYNC_JWT_KEY_FILE")]
+    pub jwt_key_file: Option<PathBuf>,
+
+    /// jwt: seconds of clock skew tolerated on `exp` and `nbf` (a session ends this long after
+    /// its token's `exp`).
+    #[arg(long, env = "SECSYNC_JWT_LEEWAY_SECONDS", default_value_t = 0)]
+    pub jwt_leeway_seconds: u64,
+
+    /// jwt: required `iss` claim (not checked when unset).
+    #[arg(long, env = "SECSYNC_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// jwt: required `aud` claim (not checked when unset).
+    #[arg(long, env = "SECSYNC_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// callback: the URL the gateway POSTs {documentId, sessionKey} to.
+    #[arg(long, env = "SECSYNC_AUTH_CALLBACK_URL")]
+    pub auth_callback_url: Option<String>,
+
+    /// callback: milliseconds to wait for the answer; no answer in time denies.
+    #[arg(long, env = "SECSYNC_AUTH_CALLBACK_TIMEOUT_MS", default_value_t = 2000)]
+    pub auth_callback_timeout_ms: u64,
+
+    /// callback: decisions cached (the oldest is dropped first; 0 disables the cache).
+    #[arg(
+        long,
+        env = "SECSYNC_AUTH_CALLBACK_CACHE_ENTRIES",
+        default_value_t = 10_000
+    )]
+    pub auth_callback_cache_entries: usize,
+
+    /// callback: longest time a decision is cached, whatever its `ttlSeconds`.
+    #[arg(
+        long,
+        env = "SECSYNC_AUTH_CALLBACK_MAX_TTL_SECONDS",
+        default_value_t = 300.0
+    )]
+    pub auth_callback_max_ttl_seconds: f64,
+
+    /// Browser origins allowed to connect, comma-separated (e.g. `https://app.example.com`);
+    /// others are refused at the upgrade with 403. Unset or `*`: every origin.
+    #[arg(long, env = "SECSYNC_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// Open connections per client address (the TCP peer); more are refused at the upgrade with
+    /// 429. 0: no limit.
+    #[arg(long, env = "SECSYNC_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    pub max_connections_per_ip: usize,
+
+    /// File holding the bearer token of `POST /admin/revoke`; without it there is no admin
+    /// endpoint.
+    #[arg(long, env = "SECSYNC_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// How long a revoked session id (or document) stays refused at connect.
+    #[arg(
+        long,
+        env = "SECSYNC_REVOCATION_RETAIN_SECONDS",
+        default_value_t = 86_400.0
+    )]
+    pub revocation_retain_seconds: f64,
+
+    /// Most revocations remembered at once.
+    #[arg(long, env = "SECSYNC_REVOCATION_MAX", default_value_t = 100_000)]
+    pub revocation_max: usize,
 
     /// Path prefix in front of document ids (e.g. `/sync` behind an ingress).
     #[arg(long, env = "SECSYNC_PATH_PREFIX", default_value = "")]
@@ -232,10 +304,66 @@ impl SessionArgs {
         }
     }
 
-    /// The access control these flags select.
-    pub fn authorizer(&self) -> Arc<dyn Authorizer> {
-        match self.auth {
+    /// The access control these flags select; an error names the flag that is missing or
+    /// wrong (the binary stops).
+    pub fn authorizer(&self) -> anyhow::Result<Arc<dyn Authorizer>> {
+        Ok(match self.auth {
             AuthMode::Open => Arc::new(OpenAccess),
+            AuthMode::Jwt => {
+                let Some(key_file) = self.jwt_key_file.clone() else {
+                    anyhow::bail!("--auth jwt needs --jwt-key-file");
+                };
+                Arc::new(JwtAuthorizer::new(JwtOptions {
+                    key_file,
+                    leeway_seconds: self.jwt_leeway_seconds,
+                    issuer: self.jwt_issuer.clone(),
+                    audience: self.jwt_audience.clone(),
+                })?)
+            }
+            AuthMode::Callback => {
+                let Some(url) = self.auth_callback_url.clone() else {
+                    anyhow::bail!("--auth callback needs --auth-callback-url");
+                };
+                Arc::new(CallbackAuthorizer::new(CallbackOptions {
+                    url,
+                    timeout: Duration::from_millis(self.auth_callback_timeout_ms.max(1)),
+                    cache_entries: self.auth_callback_cache_entries,
+                    max_ttl: seconds(self.auth_callback_max_ttl_seconds),
+                })?)
+            }
+        })
+    }
+
+    /// Admission, the admin endpoint and revocation memory.
+    pub fn access_options(&self) -> anyhow::Result<AccessOptions> {
+        if let Some(file) = &self.admin_token_file {
+            let token = std::fs::read(file)
+                .map_err(|e| anyhow::anyhow!("--admin-token-file {}: {e}", file.display()))?;
+            anyhow::ensure!(
+                token.iter().any(|b| !b.is_ascii_whitespace()),
+                "--admin-token-file {} is empty",
+                file.display()
+            );
+        }
+        Ok(AccessOptions {
+            allowed_origins: self.allowed_origins.clone(),
+            max_connections_per_ip: self.max_connections_per_ip,
+            admin_token_file: self.admin_token_file.clone(),
+            revocation: RevocationOptions {
+                retain: seconds(self.revocation_retain_seconds),
+                max_remembered: self.revocation_max.max(1),
+            },
+        })
+    }
+
+    /// Warns loudly when `--auth open` serves more than this machine.
+    pub fn warn_if_open(&self, listen: SocketAddr) {
+        if self.auth == AuthMode::Open && !listen.ip().is_loopback() {
+            tracing::warn!(
+                listen = %listen,
+                "--auth open on a non-loopback address: ANYONE who can reach it may read and \
+                 write EVERY document; use --auth jwt or --auth callback outside development"
+            );
         }
     }
 
@@ -252,8 +380,12 @@ impl SessionArgs {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AuthMode {
-    /// Any session key may read and write any document.
+    /// Any session key may read and write any document (development).
     Open,
+    /// The session key is a signed JWT (--jwt-key-file).
+    Jwt,
+    /// The gateway asks the application over HTTP (--auth-callback-url).
+    Callback,
 }
 
 /// Seconds from a flag, clamped to something a timer can hold.

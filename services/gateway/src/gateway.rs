@@ -1,4 +1,5 @@
-//! The gateway's shared state: its parts (store, hub, auth), limits, readiness and shutdown.
+//! The gateway's shared state: its parts (store, hub, auth, revocations), limits, admission,
+//! readiness and shutdown.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -8,10 +9,25 @@ use secsync_protocol::ParseOptions;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::{Origins, PerIp};
 use crate::auth::Authorizer;
 use crate::bus::Bus;
 use crate::hub::Hub;
+use crate::revocation::{Registry, RevocationOptions};
 use crate::store::Store;
+
+/// Access control beyond the authorizer: admission at the upgrade, the admin endpoint, and how
+/// revocations are remembered.
+#[derive(Debug, Clone, Default)]
+pub struct AccessOptions {
+    /// Browser origins allowed to connect (empty: all).
+    pub allowed_origins: Vec<String>,
+    /// Open connections per client address (0: no limit).
+    pub max_connections_per_ip: usize,
+    /// File holding the bearer token of `POST /admin/revoke` (`None`: no admin endpoint).
+    pub admin_token_file: Option<std::path::PathBuf>,
+    pub revocation: RevocationOptions,
+}
 
 /// Per-connection limits and choices.
 #[derive(Debug, Clone, Copy)]
@@ -53,6 +69,11 @@ pub struct Gateway {
     pub bus: Arc<dyn Bus>,
     pub hub: Hub,
     pub auth: Arc<dyn Authorizer>,
+    /// Sessions that expire or can be revoked, and the revocations remembered.
+    pub revocations: Arc<Registry>,
+    pub origins: Origins,
+    pub per_ip: Arc<PerIp>,
+    pub admin_token_file: Option<std::path::PathBuf>,
     pub limits: Limits,
     pub path_prefix: String,
     /// Cancelled when the gateway starts draining.
@@ -82,16 +103,22 @@ impl Gateway {
         limits: Limits,
         hub_options: crate::hub::HubOptions,
         path_prefix: String,
+        access: AccessOptions,
     ) -> Arc<Self> {
         let id: Arc<str> = format!("gw-{:016x}", rand::random::<u64>()).into();
         let store: Arc<dyn Store> = Arc::new(crate::store::Observed::new(store, id.clone()));
         let hub = Hub::new(id.clone(), store.clone(), bus.clone(), hub_options);
+        let revocations = Registry::new(hub.clone(), access.revocation);
         let gateway = Arc::new(Self {
             id,
             store,
             bus,
             hub,
             auth,
+            revocations,
+            origins: Origins::new(&access.allowed_origins),
+            per_ip: PerIp::new(access.max_connections_per_ip),
+            admin_token_file: access.admin_token_file,
             limits,
             path_prefix,
             shutdown: CancellationToken::new(),

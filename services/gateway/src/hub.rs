@@ -73,6 +73,12 @@ enum Input {
     Leave {
         connection: u64,
     },
+    /// End a session (or, with `None`, every session of the document) with a close code:
+    /// drop what is queued for it and deliver nothing more (expiry, revocation).
+    Close {
+        connection: Option<u64>,
+        code: u16,
+    },
     /// A session loaded the document at this sequence (the channel's start, if it has none).
     Loaded(u64),
     /// The document's head sequence in persistence.
@@ -134,7 +140,22 @@ struct InboxState {
     queue: VecDeque<Delivery>,
     /// The channel let go of this session (it left, the channel ended, or the queue was full).
     closed: bool,
+    /// The close code the session must end with (expiry, revocation); 0: none.
+    end: u16,
     waker: Option<Waker>,
+}
+
+impl InboxState {
+    /// Wake this task on the next delivery or end.
+    fn wake_with(&mut self, cx: &Context<'_>) {
+        if !self
+            .waker
+            .as_ref()
+            .is_some_and(|waker| waker.will_wake(cx.waker()))
+        {
+            self.waker = Some(cx.waker().clone());
+        }
+    }
 }
 
 /// The channel's end of an [`Inbox`]; dropping it closes the inbox.
@@ -177,6 +198,16 @@ impl InboxSender {
     }
 }
 
+impl InboxSender {
+    /// Ends the session with `code`: what is queued is dropped, nothing more is delivered.
+    fn end(self, code: u16) {
+        let mut state = lock_inbox(&self.shared);
+        state.queue = VecDeque::new();
+        state.end = code;
+        // Dropping `self` after the lock closes the inbox and wakes the session.
+    }
+}
+
 impl Drop for InboxSender {
     fn drop(&mut self) {
         let mut state = lock_inbox(&self.shared);
@@ -204,13 +235,18 @@ impl Inbox {
         if state.closed {
             return Poll::Ready(None);
         }
-        if !state
-            .waker
-            .as_ref()
-            .is_some_and(|waker| waker.will_wake(cx.waker()))
-        {
-            state.waker = Some(cx.waker().clone());
+        state.wake_with(cx);
+        Poll::Pending
+    }
+
+    /// Ready with the close code once the session must end (expiry, revocation); checked
+    /// before anything else the session does, so nothing reaches the client after it.
+    pub fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<u16> {
+        let mut state = lock_inbox(&self.shared);
+        if state.end != 0 {
+            return Poll::Ready(state.end);
         }
+        state.wake_with(cx);
         Poll::Pending
     }
 
@@ -366,6 +402,12 @@ impl Hub {
         self.publish(doc, event);
     }
 
+    /// Ends a session of `doc` (every session of it with `None`) with a close code: see
+    /// [`Inbox::poll_end`].
+    pub fn close(&self, doc: &DocumentId, connection: Option<u64>, code: u16) {
+        self.send(doc, Input::Close { connection, code });
+    }
+
     /// Documents with local clients.
     pub fn documents(&self) -> Vec<DocumentId> {
         self.lock().keys().cloned().collect()
@@ -503,6 +545,22 @@ impl Channel {
             }
             Input::Leave { connection } => {
                 self.members.remove(&connection);
+            }
+            Input::Close {
+                connection: Some(connection),
+                code,
+            } => {
+                if let Some(inbox) = self.members.remove(&connection) {
+                    inbox.end(code);
+                }
+            }
+            Input::Close {
+                connection: None,
+                code,
+            } => {
+                for (_, inbox) in self.members.drain() {
+                    inbox.end(code);
+                }
             }
             Input::Loaded(sequence) => {
                 if self.next.is_none() {

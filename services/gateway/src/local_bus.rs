@@ -14,7 +14,11 @@ use secsync_protocol::DocumentId;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::bus::{Bus, BusError, BusEvent, BusStream};
+use crate::bus::{Bus, BusError, BusEvent, BusStream, RevocationStream};
+use crate::revocation::Revocation;
+
+/// Revocations queued for a subscriber; they are rare.
+const REVOCATION_QUEUE: usize = 1024;
 
 /// Messages queued for one subscription before it counts as a slow consumer.
 pub const DEFAULT_SUBSCRIPTION_CAPACITY: usize = 4096;
@@ -24,6 +28,7 @@ pub const DEFAULT_SUBSCRIPTION_CAPACITY: usize = 4096;
 pub struct LocalBus {
     capacity: usize,
     subscribers: Mutex<HashMap<DocumentId, Vec<mpsc::Sender<BusEvent>>>>,
+    revocations: Mutex<Vec<mpsc::Sender<Revocation>>>,
     resync: watch::Sender<u64>,
 }
 
@@ -38,6 +43,7 @@ impl LocalBus {
         Self {
             capacity: capacity.max(1),
             subscribers: Mutex::new(HashMap::new()),
+            revocations: Mutex::new(Vec::new()),
             resync: watch::channel(0).0,
         }
     }
@@ -90,6 +96,31 @@ impl Bus for LocalBus {
 
     fn connected(&self) -> bool {
         true
+    }
+
+    async fn publish_revocation(&self, revocation: &Revocation) -> Result<(), BusError> {
+        let mut subscribers = self
+            .revocations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        subscribers.retain(|sender| match sender.try_send(revocation.clone()) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!("revocation subscriber behind: revocation dropped");
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        });
+        Ok(())
+    }
+
+    async fn subscribe_revocations(&self) -> Result<RevocationStream, BusError> {
+        let (sender, receiver) = mpsc::channel(REVOCATION_QUEUE);
+        self.revocations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(sender);
+        Ok(Box::pin(ReceiverStream::new(receiver)))
     }
 }
 

@@ -14,6 +14,9 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     let sessions = &config.sessions;
     let telemetry = secsync_telemetry::init("secsync-gateway", &sessions.log_format);
+    // Access control first: a missing key file stops the gateway before it connects anywhere.
+    let auth = sessions.authorizer()?;
+    let access = sessions.access_options()?;
     let store = GrpcStore::new(&GrpcStoreOptions {
         url: config.persistence.clone(),
         tls: config.persistence_tls()?,
@@ -30,13 +33,15 @@ async fn main() -> anyhow::Result<()> {
     let gateway = Gateway::new(
         Arc::new(store),
         Arc::new(bus),
-        sessions.authorizer(),
+        auth,
         sessions.limits(),
         sessions.hub_options(),
         sessions.path_prefix.clone(),
+        access,
     );
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(listen = %listener.local_addr()?, id = %gateway.id, "secsync-gateway starting");
+    sessions.warn_if_open(listener.local_addr()?);
     secsync_gateway::server::serve(
         listener,
         gateway,

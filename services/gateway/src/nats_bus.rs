@@ -1,4 +1,6 @@
-//! The bus over NATS core subjects, one per document: `secsync.doc.<b64u(document id)>`.
+//! The bus over NATS core subjects, one per document: `secsync.doc.<b64u(document id)>`, and
+//! [`REVOCATIONS`] for revocations (only the services' credentials should be allowed to
+//! publish there: see deploy/README.md).
 //!
 //! Document ids may contain `.`, `*`, `>` or spaces, which are not legal in a subject token, so
 //! the token is the id's bytes in URL-safe base64. Publishing while NATS is away is logged and
@@ -13,12 +15,16 @@ use async_trait::async_trait;
 use futures::StreamExt as _;
 use secsync_protocol::{b64, DocumentId};
 
-use crate::bus::{Bus, BusError, BusEvent, BusStream, Trace};
+use crate::bus::{Bus, BusError, BusEvent, BusStream, RevocationStream, Trace};
+use crate::revocation::Revocation;
 
 /// The subject of a document.
 pub fn subject(doc: &DocumentId) -> String {
     format!("secsync.doc.{}", b64::encode(doc.as_str()))
 }
+
+/// The subject revocations travel on, to every gateway.
+pub const REVOCATIONS: &str = "secsync.control.revoke";
 
 /// The header carrying [`Trace::acked_at_us`].
 const ACKED_AT: &str = "Secsync-Acked-At";
@@ -219,5 +225,32 @@ impl Bus for NatsBus {
 
     fn connected(&self) -> bool {
         self.connected.load(Ordering::SeqCst)
+    }
+
+    async fn publish_revocation(&self, revocation: &Revocation) -> Result<(), BusError> {
+        self.client
+            .publish(REVOCATIONS, revocation.encode().into())
+            .await
+            .map_err(|e| BusError(e.to_string()))?;
+        // Revocations are rare and should leave now, not with the next batch of writes.
+        self.client
+            .flush()
+            .await
+            .map_err(|e| BusError(e.to_string()))
+    }
+
+    async fn subscribe_revocations(&self) -> Result<RevocationStream, BusError> {
+        let subscriber = self
+            .client
+            .subscribe(REVOCATIONS)
+            .await
+            .map_err(|e| BusError(e.to_string()))?;
+        Ok(Box::pin(subscriber.filter_map(|message| async move {
+            let revocation = Revocation::decode(&message.payload);
+            if revocation.is_none() {
+                tracing::warn!("unreadable revocation on the bus ignored");
+            }
+            revocation
+        })))
     }
 }

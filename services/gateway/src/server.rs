@@ -1,28 +1,42 @@
 //! HTTP surface: the WebSocket endpoint (`/{documentId}?sessionKey=…`), `/healthz`, `/readyz`,
-//! and the one shutdown path (stop accepting, tell connections to finish, wait with a deadline).
+//! `POST /admin/revoke` ([`crate::admin`]), and the one shutdown path (stop accepting, tell
+//! connections to finish, wait with a deadline).
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{State, WebSocketUpgrade};
-use axum::http::{StatusCode, Uri};
+use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use axum::routing::post;
 use axum::serve::ListenerExt as _;
-use axum::Router;
+use axum::{Extension, Router};
+use futures::StreamExt as _;
 use secsync_protocol::parse_connect;
 
+use crate::admission::Slot;
 use crate::gateway::Gateway;
 use crate::session;
 
 /// The router: every path is a document unless it is a plain GET of a health endpoint.
 pub fn router(gateway: Arc<Gateway>) -> Router {
-    Router::new().fallback(handle).with_state(gateway)
+    Router::new()
+        // Any other method on that path is a document like any other.
+        .route(
+            crate::admin::REVOKE_PATH,
+            post(crate::admin::revoke).fallback(handle),
+        )
+        .fallback(handle)
+        .with_state(gateway)
 }
 
 async fn handle(
     State(gateway): State<Arc<Gateway>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     uri: Uri,
 ) -> Response {
@@ -37,9 +51,32 @@ async fn handle(
     if gateway.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response();
     }
+    let origin = headers
+        .get(header::ORIGIN)
+        .map(|o| o.to_str().unwrap_or("\u{fffd}"));
+    if !gateway.origins.allows(origin) {
+        tracing::info!(origin, "upgrade refused: origin not allowed");
+        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
+    }
+    // Without connect info (a router served another way) there is no address to count.
+    let ip = match peer.map(|Extension(ConnectInfo(peer))| peer.ip()) {
+        Some(ip) => {
+            let Ok(place) = gateway.per_ip.acquire(ip) else {
+                tracing::info!(%ip, "upgrade refused: too many connections from the address");
+                return (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many connections from this address",
+                )
+                    .into_response();
+            };
+            place
+        }
+        None => None,
+    };
     let Ok(permit) = gateway.connections.clone().try_acquire_owned() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
     };
+    let slot = Slot { permit, ip };
     // The raw (still percent-encoded) path; never log the query, it holds the session key.
     let path = uri.path();
     let path = path
@@ -58,9 +95,24 @@ async fn handle(
         .on_upgrade(move |socket| {
             // A task of its own: axum's upgrade task, if the session ran inside it, would keep
             // its own room for the socket and the handshake for the connection's lifetime.
-            tasks.spawn(session::run(gateway, socket, request, connection, permit));
+            tasks.spawn(session::run(gateway, socket, request, connection, slot));
             std::future::ready(())
         })
+}
+
+/// Applies every revocation from the bus, for as long as the gateway exists.
+async fn apply_revocations(
+    gateway: std::sync::Weak<Gateway>,
+    mut revocations: crate::bus::RevocationStream,
+) {
+    while let Some(revocation) = revocations.next().await {
+        let Some(gateway) = gateway.upgrade() else {
+            return;
+        };
+        // Cached decisions first: the clients whose sessions end reconnect at once.
+        gateway.auth.revoked(&revocation);
+        gateway.revocations.apply(&revocation);
+    }
 }
 
 /// Serves on `listener` until `shutdown` resolves, then drains: readiness false, no new
@@ -73,7 +125,15 @@ pub async fn serve(
     drain: Duration,
 ) -> std::io::Result<()> {
     let token = gateway.shutdown.clone();
-    let app = router(gateway.clone());
+    // Subscribed before serving: a revocation published once this gateway takes connections
+    // reaches it.
+    let revocations = gateway
+        .bus
+        .subscribe_revocations()
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(apply_revocations(Arc::downgrade(&gateway), revocations));
+    let app = router(gateway.clone()).into_make_service_with_connect_info::<SocketAddr>();
     // Without TCP_NODELAY a small frame written right after another (the 101 response and the
     // `document` frame, an acknowledgement after a broadcast) waits for the peer's delayed ACK:
     // about 40 ms on Linux.

@@ -27,12 +27,13 @@ use secsync_protocol::{
     parse_client_frame, ClientFrame, ConnectError, ConnectRequest, FrameError, LoadMode,
     LoadRequest, Reason, Shape, SnapshotId, SnapshotMessage,
 };
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
 use tracing::Instrument as _;
 
+use crate::admission::Slot;
 use crate::auth::Access;
 use crate::gateway::Gateway;
+use crate::revocation::Registration;
 use crate::hub::{Delivery, Membership};
 use crate::store::{RequestId, StoreError, SubmitKind, Submitted};
 
@@ -50,6 +51,8 @@ pub mod close {
     pub const NORMAL: u16 = 1000;
     /// No sign of life from the client within two ping intervals.
     pub const TIMEOUT: u16 = 1001;
+    /// Access control: the grant expired (4001), the session was revoked (4003).
+    pub use crate::revocation::close::{EXPIRED, REVOKED};
 }
 
 enum Outgoing {
@@ -82,8 +85,8 @@ enum End {
 struct Link {
     socket: WebSocket,
     queue: VecDeque<Outgoing>,
-    /// The connection's place under the gateway's connection limit, until the socket is gone.
-    _permit: OwnedSemaphorePermit,
+    /// The connection's place under the gateway's connection limits, until the socket is gone.
+    _slot: Slot,
     /// Frames queued for a client that does not read before it counts as a slow consumer
     /// (`u32`: with the permit the box stays at 424 bytes).
     limit: u32,
@@ -94,11 +97,11 @@ struct Link {
 }
 
 impl Link {
-    fn new(socket: WebSocket, limit: usize, permit: OwnedSemaphorePermit) -> Self {
+    fn new(socket: WebSocket, limit: usize, slot: Slot) -> Self {
         Self {
             socket,
             queue: VecDeque::new(),
-            _permit: permit,
+            _slot: slot,
             limit: u32::try_from(limit.max(2)).unwrap_or(u32::MAX),
             unflushed: false,
             broken: false,
@@ -176,8 +179,14 @@ impl Link {
                 close::TRY_AGAIN_LATER => "slow consumer",
                 close::UNAVAILABLE => "unavailable",
                 close::TIMEOUT => "timeout",
+                close::EXPIRED => "session expired",
+                close::REVOKED => "access revoked",
                 _ => "",
             };
+            if matches!(code, close::EXPIRED | close::REVOKED) {
+                // Access ended: nothing more reaches the client, not even what was queued.
+                self.queue.clear();
+            }
             // Past the limit: the close goes after everything queued.
             self.queue.push_back(Outgoing::Close(code, reason));
         }
@@ -196,6 +205,8 @@ struct Session {
     membership: Membership,
     connection: u64,
     access: Access,
+    /// The session's entry among those that expire or can be revoked by id (jwt, callback).
+    _registration: Option<Box<Registration>>,
     link: Box<Link>,
     /// The last sequence number the client has (from its load, deliveries or recoveries).
     cursor: u64,
@@ -208,17 +219,17 @@ struct Session {
     refilled: Instant,
 }
 
-/// Runs a connection to its end; `permit` is its place under the connection limit.
+/// Runs a connection to its end; `slot` is its place under the connection limits.
 pub fn run(
     gateway: Arc<Gateway>,
     socket: WebSocket,
     request: Result<ConnectRequest, ConnectError>,
     connection: u64,
-    permit: OwnedSemaphorePermit,
+    slot: Slot,
 ) -> impl Future<Output = ()> + Send + 'static {
     // Boxed before any future holds them: a future keeps room for what it was given even after
     // it moved it on, and the socket lives as long as the connection.
-    let link = Box::new(Link::new(socket, gateway.limits.send_queue, permit));
+    let link = Box::new(Link::new(socket, gateway.limits.send_queue, slot));
     serve(gateway, link, request.map(Box::new), connection)
 }
 
@@ -279,13 +290,25 @@ async fn open(
         load,
     } = *request;
     tracing::debug!(connection, %doc, "connected");
-    let Ok(access) = gateway.auth.authorize(&doc, &session_key).await else {
-        let _ = link.push(Outgoing::Frame(wire::UNAUTHORIZED.into()));
-        return Err((End::Closed(close::NORMAL), link));
+    let grant = match gateway.auth.authorize(&doc, &session_key).await {
+        Ok(grant) => grant,
+        Err(denied) => {
+            tracing::info!(connection, %doc, reason = denied.reason, "access denied");
+            let _ = link.push(Outgoing::Frame(wire::UNAUTHORIZED.into()));
+            return Err((End::Closed(close::NORMAL), link));
+        }
     };
     drop(session_key);
     // Join before loading: nothing accepted after the load can be missed (PROTOCOL.md 7.9).
     let membership = gateway.hub.join(&doc, connection);
+    // Registered after joining and checked after registering: a revocation is either seen
+    // here or ends the session through its channel.
+    let registration = gateway.revocations.register(&doc, connection, &grant);
+    if gateway.revocations.refuses(&doc, &grant) {
+        tracing::info!(connection, %doc, reason = "revoked", "access denied");
+        let _ = link.push(Outgoing::Frame(wire::UNAUTHORIZED.into()));
+        return Err((End::Closed(close::NORMAL), link));
+    }
     let loaded = match gateway.store.load(&doc, &load, true).await {
         Ok(loaded) => loaded,
         Err(error) => {
@@ -310,7 +333,8 @@ async fn open(
         gateway: gateway.clone(),
         membership,
         connection,
-        access,
+        access: grant.access,
+        _registration: registration,
         link,
         cursor: loaded.sequence,
         own: BTreeSet::new(),
@@ -328,6 +352,8 @@ enum Event {
     Delivery(Option<Delivery>),
     Ping,
     Shutdown,
+    /// Access ended (expiry, revocation) with this close code.
+    End(u16),
 }
 
 impl Session {
@@ -337,6 +363,8 @@ impl Session {
     /// overtakes the document that way fails the client for good. The client sends its
     /// ephemeral `initialize` right after that await, so its first frame (or the deadline) means
     /// the document is queued. Held messages wait in the inbox, nothing is skipped.
+    // One loop of events reads best in one place.
+    #[allow(clippy::too_many_lines)]
     async fn run(&mut self, mut hold: Option<Pin<Box<Sleep>>>) -> End {
         let ping_every = self.gateway.limits.ping_every;
         let mut ping = pin!(tokio::time::sleep(ping_every));
@@ -350,6 +378,10 @@ impl Session {
             let event = poll_fn(|cx| {
                 if shutdown.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Event::Shutdown);
+                }
+                // Expiry and revocation come first: nothing is read or forwarded after them.
+                if let Poll::Ready(code) = self.membership.inbox.poll_end(cx) {
+                    return Poll::Ready(Event::End(code));
                 }
                 // Ready when everything is written; a failed write shows on the read side.
                 let _ = self.link.poll_write(cx);
@@ -381,6 +413,7 @@ impl Session {
             .await;
             let result = match event {
                 Event::Shutdown => return End::Closed(close::RESTART),
+                Event::End(code) => return End::Closed(code),
                 Event::Incoming(message) => {
                     last_seen = Instant::now();
                     match message {

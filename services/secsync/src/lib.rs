@@ -33,6 +33,9 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Access control first: a missing key file stops the relay before it opens the storage.
+    let auth = config.sessions.authorizer()?;
+    let access = config.sessions.access_options()?;
     // Held until the end: the data directory stays locked while the process runs.
     let mut data_dir = None;
     let store: Arc<dyn Store> = if let Some(url) = &config.database_url {
@@ -54,13 +57,15 @@ pub async fn run(
     let gateway = Gateway::new(
         store,
         Arc::new(LocalBus::default()),
-        sessions.authorizer(),
+        auth,
         sessions.limits(),
         sessions.hub_options(),
         sessions.path_prefix.clone(),
+        access,
     );
     let local = listener.local_addr()?;
     tracing::info!(listen = %local, id = %gateway.id, "secsync starting");
+    sessions.warn_if_open(local);
     tracing::info!(
         "secsync ready: give the JavaScript client websocketEndpoint \"ws://{local}{}\"",
         sessions.path_prefix

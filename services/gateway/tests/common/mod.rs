@@ -243,11 +243,12 @@ impl Gateway {
             persistence.into(),
             "--nats".into(),
             nats.into(),
-            "--auth".into(),
-            "open".into(),
             "--head-check-seconds".into(),
             "1".into(),
         ];
+        if !extra.contains(&"--auth") {
+            args.extend(["--auth".into(), "open".into()]);
+        }
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         let binary = env!("CARGO_BIN_EXE_secsync-gateway");
         let mut command = match wrapper.split_first() {
@@ -346,6 +347,30 @@ pub async fn http_status(port: u16, path: &str) -> Option<u16> {
     text.split(' ').nth(1)?.parse().ok()
 }
 
+/// A plain HTTP POST with extra header lines (e.g. `Authorization: Bearer …`); the status.
+pub async fn http_post(port: u16, path: &str, headers: &[&str], body: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let mut request = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for header in headers {
+        request.push_str(header);
+        request.push_str("\r\n");
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    let text = String::from_utf8_lossy(&response);
+    text.split(' ').nth(1)?.parse().ok()
+}
+
 /// A private NATS server on a free port (for tests that stop it), killed on drop.
 pub struct PrivateNats {
     child: Option<Child>,
@@ -413,7 +438,10 @@ pub struct Ws {
 impl Ws {
     /// Connects to `{base}/{doc}?sessionKey=k&{extra}`; the caller reads the first frame.
     pub async fn connect(base: &str, doc: &str, extra: &str) -> Self {
-        let url = format!("{base}/{doc}?sessionKey=k{extra}");
+        Self::connect_url(format!("{base}/{doc}?sessionKey=k{extra}")).await
+    }
+
+    async fn connect_url(url: String) -> Self {
         let (stream, _) = tokio_tungstenite::connect_async(url)
             .await
             .expect("connect");
@@ -421,6 +449,21 @@ impl Ws {
             stream,
             closed: None,
         }
+    }
+
+    /// Connects to `{base}/{doc}` with `key` as the session key (a token, percent-encoded
+    /// here); the caller reads the first frame.
+    pub async fn connect_key(base: &str, doc: &str, key: &str) -> Self {
+        let key: String = key
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    char::from(b).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        Self::connect_url(format!("{base}/{doc}?sessionKey={key}")).await
     }
 
     /// Like [`Ws::connect`], from the loopback address `source` (one address has only ~28,000
