@@ -64,6 +64,12 @@ persistence=$(tests/stack.sh start-persistence "$stack" "postgres://postgres@127
 gw0=$(tests/stack.sh start-gateway "$stack" gw0 "$persistence")
 gw1=$(tests/stack.sh start-gateway "$stack" gw1 "$persistence")
 restart0="'$root/tests/stack.sh' restart-gateway '$stack' gw0"
+# Two more gateways in jwt mode (an HS256 secret): the two-gateway target runs against them, the
+# harness minting a token per client, so open and jwt mode are both covered by the suite.
+head -c 32 /dev/urandom | base64 >"$stack/jwt-secret"
+jwt0=$(SECSYNC_STACK_JWT_KEY_FILE="$stack/jwt-secret" tests/stack.sh start-gateway "$stack" jwt0 "$persistence")
+jwt1=$(SECSYNC_STACK_JWT_KEY_FILE="$stack/jwt-secret" tests/stack.sh start-gateway "$stack" jwt1 "$persistence")
+restart_jwt0="'$root/tests/stack.sh' restart-gateway '$stack' jwt0"
 # The embedded single-process binary, on SQLite in a fresh data directory.
 embedded=$(tests/stack.sh start-embedded "$stack" embedded "$stack/embedded-data")
 restart_embedded="'$root/tests/stack.sh' restart-gateway '$stack' embedded"
@@ -71,11 +77,11 @@ restart_embedded="'$root/tests/stack.sh' restart-gateway '$stack' embedded"
 passed=0
 failed=0
 run_suite() {
-  local label=$1 endpoints=$2 restart=$3 out
+  local label=$1 endpoints=$2 restart=$3 jwt_secret=${4:-} out
   echo "-- target: $label"
   out=$(mktemp)
   SECSYNC_E2E_ENDPOINTS="$endpoints" SECSYNC_E2E_RESTART_CMD_0="$restart" SECSYNC_E2E_FAIL_ON_SKIP=1 SECSYNC_E2E_RUST_PEER="$root/target/release/secsync-yrs-peer" \
-    node tests/e2e/run.mjs 2>"$out.err" | tee "$out" || true
+    SECSYNC_E2E_JWT_SECRET_FILE="$jwt_secret" node tests/e2e/run.mjs 2>"$out.err" | tee "$out" || true
   local line
   line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$out" | tail -1)
   if [ -z "$line" ]; then
@@ -94,7 +100,7 @@ SECSYNC_CLIENT_TEST_ENDPOINT="$gw1" cargo test -p secsync-client --release --loc
 
 log "end-to-end suite with the published JavaScript client"
 run_suite "persistence + one gateway" "$gw0" "$restart0"
-run_suite "persistence + two gateways" "$gw0,$gw1" "$restart0"
+run_suite "persistence + two gateways, --auth jwt" "$jwt0,$jwt1" "$restart_jwt0" "$stack/jwt-secret"
 run_suite "embedded single process (SQLite)" "$embedded" "$restart_embedded"
 
 echo "e2e: $passed passed, $failed failed"

@@ -9,6 +9,9 @@
 #   tests/stack.sh restart-gateway DIR NAME                     SIGTERM, wait, start on the same port
 #                                                               (a gateway or an embedded process)
 #   tests/stack.sh stop DIR                                     stops everything started in DIR
+#
+# With SECSYNC_STACK_JWT_KEY_FILE set, start-gateway starts the gateway with `--auth jwt
+# --jwt-key-file` that file (kept across restart-gateway); otherwise with `--auth open`.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 bin=${SECSYNC_BIN_DIR:-$root/target/release}
@@ -76,10 +79,13 @@ launch() {
 }
 
 start_gateway() {
-  local name=$1 persistence=$2 port=$3
+  local name=$1 persistence=$2 port=$3 auth=(--auth open)
   echo "$persistence" >"$dir/$name.persistence"
+  if [ -f "$dir/$name.jwt" ]; then
+    auth=(--auth jwt --jwt-key-file "$(cat "$dir/$name.jwt")")
+  fi
   launch "$name" "$bin/secsync-gateway" --listen "127.0.0.1:$port" --persistence "$persistence" \
-    --nats "${SECSYNC_NATS_URL:-nats://127.0.0.1:4222}" --auth open --drain-seconds 10
+    --nats "${SECSYNC_NATS_URL:-nats://127.0.0.1:4222}" "${auth[@]}" --drain-seconds 10
 }
 
 start_embedded() {
@@ -116,6 +122,10 @@ case "$cmd" in
   start-gateway)
     name=${3:?NAME required}
     : >"$dir/$name.log"
+    rm -f "$dir/$name.jwt"
+    if [ -n "${SECSYNC_STACK_JWT_KEY_FILE:-}" ]; then
+      echo "$SECSYNC_STACK_JWT_KEY_FILE" >"$dir/$name.jwt"
+    fi
     start_gateway "$name" "${4:?PERSISTENCE_URL required}" "${5:-0}"
     ;;
   restart-gateway)

@@ -18,6 +18,7 @@ import * as Y from "yjs";
 import WebSocket from "ws";
 import { secsync, sodium, sodiumReady, xstate } from "./deps.mjs";
 import { Signal, waitUntil } from "./wait.mjs";
+import { sessionKeyFor } from "./session.mjs";
 
 const REMOTE_ORIGIN = "secsync-remote";
 const TEXT_NAME = "text";
@@ -59,8 +60,9 @@ export class Client {
     this.documentKey = options.documentKey;
     this.keyPair = options.signatureKeyPair ?? sodium.crypto_sign_keypair();
     this.pubKey = sodium.to_base64(this.keyPair.publicKey);
-    // unique per client so the socket tap can find its owner
-    this.sessionKey = options.websocketSessionKey ?? secsync.generateId(sodium);
+    // unique per client so the socket tap can find its owner (a token in jwt mode)
+    this.sessionKey =
+      options.websocketSessionKey ?? sessionKeyFor(this.docId, () => secsync.generateId(sodium));
     this.signal = new Signal();
     /** every frame: { dir: "in"|"out", conn, type, msg, raw, at } */
     this.frames = [];

@@ -4,6 +4,7 @@
 import WebSocket from "ws";
 import { secsync, sodium, sodiumReady } from "./deps.mjs";
 import { Signal, waitUntil } from "./wait.mjs";
+import { sessionKeyFor } from "./session.mjs";
 
 export * from "./frames.mjs";
 
@@ -109,7 +110,7 @@ export class RawConnection {
  */
 export async function openRaw(endpoint, docId, options = {}) {
   await sodiumReady();
-  const sessionKey = options.sessionKey ?? secsync.generateId(sodium);
+  const sessionKey = options.sessionKey ?? sessionKeyFor(docId, () => secsync.generateId(sodium));
   const conn = new RawConnection(documentUrl(endpoint, docId, { ...options, sessionKey }), options.name);
   await waitUntil(
     conn,

@@ -7,6 +7,7 @@ import { spawn } from "node:child_process";
 import { createInterface } from "node:readline";
 import { sodium } from "./deps.mjs";
 import { DEFAULT_WAIT_MS } from "./wait.mjs";
+import { sessionKeyFor, usesTokens } from "./session.mjs";
 
 /** Path of the peer binary, or null when the environment does not name one. */
 export function rustPeerBinary() {
@@ -40,6 +41,8 @@ export class RustPeer {
         sodium.to_base64(documentKey),
         "--timeout-ms",
         String(timeoutMs),
+        // in jwt mode, a token of its own (otherwise the peer picks a random key)
+        ...(usesTokens() ? ["--session-key", sessionKeyFor(docId, () => "")] : []),
       ],
       { stdio: ["pipe", "pipe", "pipe"] },
     );

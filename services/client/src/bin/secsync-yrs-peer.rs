@@ -63,13 +63,16 @@ struct Args {
     doc: DocumentId,
     key: DocumentKey,
     timeout: Duration,
+    /// The session key to connect with (e.g. a token); a random one when absent.
+    session_key: Option<String>,
 }
 
 const USAGE: &str =
-    "usage: secsync-yrs-peer --endpoint ws://HOST:PORT --doc DOC_ID --key KEY_B64U [--timeout-ms N]";
+    "usage: secsync-yrs-peer --endpoint ws://HOST:PORT --doc DOC_ID --key KEY_B64U \
+                     [--timeout-ms N] [--session-key KEY]";
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
-    let (mut endpoint, mut doc, mut key) = (None, None, None);
+    let (mut endpoint, mut doc, mut key, mut session_key) = (None, None, None, None);
     let mut timeout = Duration::from_secs(20);
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or(format!("{flag} needs a value"));
@@ -81,6 +84,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
             "--key" => {
                 key = Some(DocumentKey::from_b64(&value()?).map_err(|e| format!("--key: {e}"))?);
             }
+            "--session-key" => session_key = Some(value()?),
             "--timeout-ms" => {
                 let ms = value()?.parse().map_err(|e| format!("--timeout-ms: {e}"))?;
                 timeout = Duration::from_millis(ms);
@@ -93,6 +97,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
         doc: doc.ok_or("--doc is required")?,
         key: key.ok_or("--key is required")?,
         timeout,
+        session_key,
     })
 }
 
@@ -437,8 +442,9 @@ async fn main() -> ExitCode {
     let mut options = ClientOptions::new(
         args.endpoint,
         args.doc,
-        // Like the JS harness: a unique random session key per client.
-        b64::encode(random_bytes::<24>()),
+        // Like the JS harness: a unique random session key per client, unless given one.
+        args.session_key
+            .unwrap_or_else(|| b64::encode(random_bytes::<24>())),
         author,
         args.key,
     );
