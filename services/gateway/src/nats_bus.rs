@@ -1,6 +1,6 @@
 //! The bus over NATS core subjects, one per document: `secsync.doc.<b64u(document id)>`, and
 //! [`REVOCATIONS`] for revocations (only the services' credentials should be allowed to
-//! publish there: see deploy/README.md).
+//! publish there: see README.md, "Access control").
 //!
 //! Document ids may contain `.`, `*`, `>` or spaces, which are not legal in a subject token, so
 //! the token is the id's bytes in URL-safe base64. Publishing while NATS is away is logged and
