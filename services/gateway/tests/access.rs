@@ -489,6 +489,11 @@ async fn origins_and_per_address_limits_are_refused_at_the_upgrade() {
         ],
     );
     gateway.ready().await;
+    // Without --admin-token-file there is no admin endpoint.
+    assert_eq!(
+        http_post(gateway.port, "/admin/revoke", &[], r#"{"sessionId":"x"}"#).await,
+        Some(404)
+    );
     let doc = doc_id("admission");
     let connect = |origin: Option<&'static str>| {
         let mut request = format!("{}/{doc}?sessionKey=k", gateway.url())
