@@ -216,6 +216,8 @@ async fn persistence_with_a_client_ca_serves_only_gateways_with_a_client_certifi
             &key,
             "--tls-client-ca",
             &ca.pem,
+            "--health-listen",
+            "127.0.0.1:0",
         ],
     );
     let url = format!("https://localhost:{}", persistence.port);
@@ -249,6 +251,39 @@ async fn persistence_with_a_client_ca_serves_only_gateways_with_a_client_certifi
         ],
     );
     refused(&with_a_stranger).await;
+
+    // Probes without a certificate (Kubernetes' gRPC probe) read readiness from the plaintext
+    // health port.
+    let marker = "\"health_listen\":\"127.0.0.1:";
+    let health_port: u16 = persistence
+        .output()
+        .iter()
+        .find_map(|line| {
+            let start = line.find(marker)? + marker.len();
+            line[start..].split('"').next()?.parse().ok()
+        })
+        .expect("the health port in the log");
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{health_port}"))
+            .unwrap()
+            .connect_lazy();
+    let mut statuses = tonic_health::pb::health_client::HealthClient::new(channel)
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: "secsync.persistence.v1.Persistence".into(),
+        })
+        .await
+        .expect("the health service in plaintext")
+        .into_inner();
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    let wait = tokio::time::timeout(common::WAIT, async {
+        while let Some(status) = statuses.message().await.unwrap() {
+            if status.status == serving {
+                return;
+            }
+        }
+        panic!("the health stream ended");
+    });
+    wait.await.expect("persistence never reported SERVING");
 }
 
 /// Bad TLS configuration stops either binary at start with a message naming the problem.

@@ -52,6 +52,11 @@ pub struct Config {
     #[arg(long, env = "SECSYNC_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
 
+    /// Also serve the gRPC health service (only) in plaintext on this address, for probes that
+    /// cannot speak TLS or present a client certificate (Kubernetes' gRPC probe).
+    #[arg(long, env = "SECSYNC_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
+
     #[command(flatten)]
     pub core: CoreArgs,
 

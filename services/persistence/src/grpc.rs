@@ -333,6 +333,7 @@ pub async fn serve(
         ServeOptions {
             max_message_bytes,
             tls: None,
+            health_listener: None,
         },
         shutdown,
     )
@@ -340,12 +341,15 @@ pub async fn serve(
 }
 
 /// How the gRPC server is served.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ServeOptions {
     /// Largest gRPC message either way.
     pub max_message_bytes: usize,
     /// TLS (and client certificates, when it names a client CA); `None`: plaintext.
     pub tls: Option<tonic::transport::ServerTlsConfig>,
+    /// Where to serve `grpc.health.v1` alone, in plaintext: probes that speak neither TLS nor
+    /// mutual TLS (Kubernetes' gRPC probe) check readiness there.
+    pub health_listener: Option<tokio::net::TcpListener>,
 }
 
 /// [`serve`], with TLS when `serve.tls` asks for it. Bad certificates or keys are an error
@@ -376,6 +380,21 @@ pub async fn serve_with(
     health
         .set_service_status("", ServingStatus::NotServing)
         .await;
+    if let Some(listener) = serve.health_listener {
+        // Nothing but the health status, which is no secret; it ends with the process.
+        let health_only = health_service.clone();
+        tokio::spawn(async move {
+            if let Err(error) = tonic::transport::Server::builder()
+                .add_service(health_only)
+                .serve_with_incoming(
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                )
+                .await
+            {
+                tracing::error!(%error, "the plaintext health server stopped");
+            }
+        });
+    }
 
     let mut delay = Duration::from_millis(100);
     loop {

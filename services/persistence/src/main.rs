@@ -21,6 +21,14 @@ async fn main() -> anyhow::Result<()> {
     )?;
     let options = config.core.core_options(CoreOptions::default());
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let health_listener = match config.health_listen {
+        Some(address) => {
+            let health = tokio::net::TcpListener::bind(address).await?;
+            tracing::info!(health_listen = %health.local_addr()?, "plaintext health service");
+            Some(health)
+        }
+        None => None,
+    };
     tracing::info!(
         listen = %listener.local_addr()?,
         tls = tls.is_some(),
@@ -34,6 +42,7 @@ async fn main() -> anyhow::Result<()> {
         ServeOptions {
             max_message_bytes: config.max_message_bytes,
             tls,
+            health_listener,
         },
         secsync_telemetry::shutdown_signal(),
     )
