@@ -607,13 +607,22 @@ def check_k8s_drift(objects, binaries, image_env) -> list[str]:
             return int(port)
         return None
 
+    def health_port(c: OurContainer) -> int | None:
+        """The port of persistence's plaintext health listener (SECSYNC_HEALTH_LISTEN), if set."""
+        value = c.config.get("SECSYNC_HEALTH_LISTEN")
+        if not value or ":" not in value:
+            return None
+        port = value.rsplit(":", 1)[1]
+        return int(port) if port.isdigit() else None
+
     for c in ours:
         ports = c.container.get("ports") or []
+        served = {c.listen_port, health_port(c)} - {None}
         if c.listen_port is not None:
             if not ports:
                 errors.append(f"{c.where}: declares no containerPort (listens on {c.listen_port})")
             for p in ports:
-                if p["containerPort"] != c.listen_port:
+                if p["containerPort"] not in served:
                     errors.append(
                         f"{c.where}: containerPort {p['containerPort']} ({p.get('name')}) but "
                         f"{c.binary.listen_env} listens on {c.listen_port}"
@@ -653,7 +662,7 @@ def check_k8s_drift(objects, binaries, image_env) -> list[str]:
             for action in ("httpGet", "grpc", "tcpSocket"):
                 if action in probe:
                     port = container_port(c, probe[action].get("port"))
-                    if port != c.listen_port:
+                    if port not in served:
                         errors.append(
                             f"{label} port {probe[action].get('port')} is not the listen port {c.listen_port}"
                         )
