@@ -250,6 +250,16 @@ impl Inbox {
         Poll::Pending
     }
 
+    /// The next delivery if one is waiting (a closed inbox shows in [`Inbox::poll_recv`]).
+    pub fn try_recv(&mut self) -> Option<Delivery> {
+        let mut state = lock_inbox(&self.shared);
+        let delivery = state.queue.pop_front();
+        if delivery.is_some() && state.queue.is_empty() {
+            state.queue = VecDeque::new();
+        }
+        delivery
+    }
+
     /// See [`Inbox::poll_recv`].
     pub async fn recv(&mut self) -> Option<Delivery> {
         std::future::poll_fn(|cx| self.poll_recv(cx)).await

@@ -33,8 +33,9 @@ use tracing::Instrument as _;
 use crate::admission::Slot;
 use crate::auth::Access;
 use crate::gateway::Gateway;
-use crate::revocation::Registration;
 use crate::hub::{Delivery, Membership};
+use crate::metrics::metrics;
+use crate::revocation::Registration;
 use crate::store::{RequestId, StoreError, SubmitKind, Submitted};
 
 /// Close codes the gateway uses.
@@ -115,6 +116,11 @@ impl Link {
         }
         self.queue.push_back(item);
         Ok(())
+    }
+
+    /// Less than half the queue is taken: room to forward more before writing.
+    fn has_room(&self) -> bool {
+        self.queue.len() < (self.limit / 2) as usize
     }
 
     /// Writes queued frames as far as the socket takes them; `Ready` once everything is
@@ -243,6 +249,7 @@ async fn serve(
         Ok(request) => request,
         Err(error) => {
             tracing::info!(connection, %error, "refused connection");
+            metrics().frame_sent("document-error");
             let _ = link.push(Outgoing::Frame(wire::DOCUMENT_ERROR.into()));
             link.finish(End::Closed(close::NORMAL), linger(&gateway))
                 .await;
@@ -294,6 +301,7 @@ async fn open(
         Ok(grant) => grant,
         Err(denied) => {
             tracing::info!(connection, %doc, reason = denied.reason, "access denied");
+            metrics().frame_sent("unauthorized");
             let _ = link.push(Outgoing::Frame(wire::UNAUTHORIZED.into()));
             return Err((End::Closed(close::NORMAL), link));
         }
@@ -322,6 +330,7 @@ async fn open(
         &loaded.updates,
         loaded.chain.as_deref(),
     );
+    metrics().frame_sent("document");
     if let Err(end) = link.push(Outgoing::Frame(frame.into())) {
         return Err((end, link));
     }
@@ -444,16 +453,30 @@ impl Session {
                             Box::pin(self.frame(text).instrument(span)).await
                         }
                         Some(Ok(Message::Binary(_))) => {
-                            self.reply(wire::invalid_message(Reason::BinaryFrame))
+                            metrics().frame_received("binary");
+                            metrics().rejected(Reason::BinaryFrame.code());
+                            self.reply(
+                                "invalid-message",
+                                wire::invalid_message(Reason::BinaryFrame),
+                            )
                         }
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
                     }
                 }
-                Event::Delivery(Some(delivery)) => match self.gap_before(&delivery) {
-                    None => self.forward(delivery),
-                    // Boxed: rare, and its state would otherwise make every connection larger.
-                    Some(upto) => Box::pin(self.fill_gap(upto, delivery)).await,
-                },
+                Event::Delivery(Some(delivery)) => {
+                    let mut result = self.deliver(delivery).await;
+                    // Everything else already waiting goes too: a client that pipelines its
+                    // writes takes a turn per commit, and one delivery per turn would let the
+                    // document's other writers fill the inbox of a client that reads well.
+                    // Up to half the send queue, so the writer catches up in between.
+                    while result.is_ok() && self.link.has_room() {
+                        let Some(next) = self.membership.inbox.try_recv() else {
+                            break;
+                        };
+                        result = self.deliver(next).await;
+                    }
+                    result
+                }
                 Event::Delivery(None) => {
                     tracing::info!(
                         connection = self.connection,
@@ -498,11 +521,13 @@ impl Session {
         self.tokens -= 1.0;
     }
 
-    fn reply(&mut self, frame: String) -> Result<(), End> {
-        self.link.push(Outgoing::Frame(frame.into()))
+    /// Queues a frame of type `kind` for the client.
+    fn reply(&mut self, kind: &'static str, frame: String) -> Result<(), End> {
+        self.send_frame(kind, frame.into())
     }
 
-    fn send_frame(&mut self, frame: Utf8Bytes) -> Result<(), End> {
+    fn send_frame(&mut self, kind: &'static str, frame: Utf8Bytes) -> Result<(), End> {
+        metrics().frame_sent(kind);
         self.link.push(Outgoing::Frame(frame))
     }
 
@@ -510,8 +535,16 @@ impl Session {
         self.frames += 1;
         let frame = match parse_client_frame(text, self.gateway.limits.parse_options) {
             Ok(frame) => frame,
-            Err(error) => return self.refuse(&error),
+            Err(error) => {
+                metrics().frame_received("invalid");
+                return self.refuse(&error);
+            }
         };
+        metrics().frame_received(match frame {
+            ClientFrame::Snapshot(_) => "snapshot",
+            ClientFrame::Update(_) => "update",
+            ClientFrame::Ephemeral(_) => "ephemeral-message",
+        });
         if let Err(error) = frame
             .check_document(self.membership.doc())
             .and_then(|()| frame.verify())
@@ -540,7 +573,10 @@ impl Session {
                 let body = message.signed.body();
                 match self.submit(SubmitKind::Update, body).await {
                     Some(Submitted::Accepted { sequence }) => {
-                        self.reply(wire::update_saved(&message.ref_snapshot_id, message.clock))?;
+                        self.reply(
+                            "update-saved",
+                            wire::update_saved(&message.ref_snapshot_id, message.clock),
+                        )?;
                         self.accepted(sequence, SubmitKind::Update, body);
                         Ok(())
                     }
@@ -558,7 +594,8 @@ impl Session {
             reason = error.reason.code(),
             "frame refused"
         );
-        self.reply(error.reply(&Recovery::default()))?;
+        metrics().rejected(error.reason.code());
+        self.reply(error.reply_type(), error.reply(&Recovery::default()))?;
         if error.closes_connection() {
             return Err(End::Closed(close::NORMAL));
         }
@@ -566,6 +603,7 @@ impl Session {
     }
 
     fn accepted(&mut self, sequence: u64, kind: SubmitKind, body: &str) {
+        tracing::debug!(sequence, ?kind, "accepted");
         self.own.insert(sequence);
         self.gateway
             .hub
@@ -576,15 +614,18 @@ impl Session {
         let body = message.signed.body();
         match self.submit(SubmitKind::Snapshot, body).await {
             Some(Submitted::Accepted { sequence }) => {
-                self.reply(wire::snapshot_saved(&message.snapshot_id))?;
+                self.reply("snapshot-saved", wire::snapshot_saved(&message.snapshot_id))?;
                 self.client_snapshot = Some(message.snapshot_id.clone());
                 self.accepted(sequence, SubmitKind::Snapshot, body);
                 Ok(())
             }
             Some(Submitted::Rejected {
-                reason: Reason::SnapshotOutdated | Reason::SnapshotMissesUpdates,
+                reason: reason @ (Reason::SnapshotOutdated | Reason::SnapshotMissesUpdates),
                 ..
-            }) => self.recover(message).await,
+            }) => {
+                metrics().rejected(reason.code());
+                self.recover(message).await
+            }
             Some(Submitted::Rejected { reason, .. }) => {
                 self.refuse(&FrameError::new(Shape::Snapshot, reason))
             }
@@ -623,7 +664,11 @@ impl Session {
                     %error,
                     "recovery load failed"
                 );
-                return self.reply(wire::snapshot_save_failed(&Recovery::default()));
+                metrics().rejected(Reason::Unavailable.code());
+                return self.reply(
+                    "snapshot-save-failed",
+                    wire::snapshot_save_failed(&Recovery::default()),
+                );
             }
         };
         // Misses updates: the snapshot it built on is still the document's.
@@ -641,7 +686,10 @@ impl Session {
                 chain: loaded.chain.as_deref(),
             }
         };
-        self.reply(wire::snapshot_save_failed(&recovery))?;
+        self.reply(
+            "snapshot-save-failed",
+            wire::snapshot_save_failed(&recovery),
+        )?;
         // The recovery carries everything up to its sequence; never resend older messages.
         self.cursor = self.cursor.max(loaded.sequence);
         self.client_snapshot = loaded.active_snapshot_id;
@@ -689,6 +737,15 @@ impl Session {
         }
     }
 
+    /// One message of the document's channel, after what it lacks before it.
+    async fn deliver(&mut self, delivery: Delivery) -> Result<(), End> {
+        match self.gap_before(&delivery) {
+            None => self.forward(delivery),
+            // Boxed: rare, and its state would otherwise make every connection larger.
+            Some(upto) => Box::pin(self.fill_gap(upto, delivery)).await,
+        }
+    }
+
     /// Where a message of the document's channel needs persistence first: the sequence number
     /// up to which the client lacks messages (the channel started after this session's load, or
     /// the session's recovery moved it).
@@ -709,14 +766,19 @@ impl Session {
     /// client's stream gap-free.
     fn forward(&mut self, delivery: Delivery) -> Result<(), End> {
         let Some(sequence) = delivery.sequence else {
-            return self.send_frame(delivery.frame);
+            return self.send_frame("ephemeral-message", delivery.frame);
         };
         self.pass_own();
         if sequence <= self.cursor {
             return Ok(());
         }
         if !self.own.remove(&sequence) {
-            self.send_frame(delivery.frame)?;
+            let kind = if delivery.snapshot_id.is_some() {
+                "snapshot"
+            } else {
+                "update"
+            };
+            self.send_frame(kind, delivery.frame)?;
             if delivery.snapshot_id.is_some() {
                 self.client_snapshot = delivery.snapshot_id;
             }
@@ -762,14 +824,14 @@ impl Session {
                     continue;
                 }
                 if !self.own.remove(&event.sequence) {
-                    let frame = match event.kind {
+                    let (kind, frame) = match event.kind {
                         SubmitKind::Snapshot => {
                             self.client_snapshot = crate::hub::snapshot_id_of(&event.body);
-                            wire::snapshot_broadcast(&event.body)
+                            ("snapshot", wire::snapshot_broadcast(&event.body))
                         }
-                        SubmitKind::Update => wire::update_broadcast(&event.body),
+                        SubmitKind::Update => ("update", wire::update_broadcast(&event.body)),
                     };
-                    self.send_frame(frame.into())?;
+                    self.send_frame(kind, frame.into())?;
                 }
                 self.cursor = event.sequence;
             }

@@ -165,6 +165,76 @@ async fn two_gateways_deliver_everything_once_in_order() {
     }
 }
 
+/// Writers that pipeline (eight updates in flight each, as a real client may) on one document
+/// across two gateways: each also reads everyone else's updates, and none is taken for a slow
+/// consumer while the session waits for its own commits. The send queue is small so a session
+/// that forwarded one delivery per commit would fill it within the test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_writers_keep_up_with_each_other() {
+    const UPDATES: u64 = 150;
+    const WINDOW: u64 = 8;
+    let persistence = Persistence::start().await;
+    let flags = ["--send-queue", "48"];
+    let (a, b) = (
+        Gateway::start(&persistence.url, &nats_url(), &flags),
+        Gateway::start(&persistence.url, &nats_url(), &flags),
+    );
+    a.ready().await;
+    b.ready().await;
+    let doc = doc_id("pipelined");
+    let signers: Vec<Signer> = (1..=4).map(Signer::new).collect();
+    let (mut first, _) = Ws::open(&a.url(), &doc).await;
+    with_snapshot(&mut first, &signers[0], &doc).await;
+    let mut sockets = Vec::new();
+    for i in 0..signers.len() {
+        let base = if i % 2 == 0 { a.url() } else { b.url() };
+        sockets.push(Ws::open(&base, &doc).await.0);
+    }
+    let others = UPDATES * (signers.len() as u64 - 1);
+    let mut writers = Vec::new();
+    for (signer, mut ws) in signers.into_iter().zip(sockets) {
+        let doc = doc.clone();
+        writers.push(tokio::spawn(async move {
+            let mut sent = 0;
+            while sent < WINDOW {
+                ws.send(&signer.update(&doc, "S1", sent)).await;
+                sent += 1;
+            }
+            let (mut saved, mut received) = (0, std::collections::HashMap::new());
+            let mut total_received = 0;
+            while saved < UPDATES || total_received < others {
+                let Some(frame) = ws.next().await else {
+                    panic!(
+                        "closed with {:?} after {saved} acks, {total_received} updates",
+                        ws.closed
+                    );
+                };
+                match frame {
+                    ServerFrame::UpdateSaved { .. } => {
+                        saved += 1;
+                        if sent < UPDATES {
+                            ws.send(&signer.update(&doc, "S1", sent)).await;
+                            sent += 1;
+                        }
+                    }
+                    other => {
+                        let (author, clock) =
+                            update_clock(&other).unwrap_or_else(|| panic!("{other:?}"));
+                        let next: &mut u64 = received.entry(author).or_default();
+                        assert_eq!(clock, *next, "updates of one author in order");
+                        *next += 1;
+                        total_received += 1;
+                    }
+                }
+            }
+            assert!(received.values().all(|n| *n == UPDATES), "{received:?}");
+        }));
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+}
+
 /// A gateway killed with SIGKILL while clients write: every acknowledged update reaches every
 /// surviving client, with no gap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

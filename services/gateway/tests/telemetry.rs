@@ -193,6 +193,19 @@ async fn one_trace_from_sender_to_receiver_and_no_secrets() {
             panic!("no complete trace; spans: {names:#?}")
         });
 
+    let update_trace = received
+        .spans
+        .iter()
+        .filter(|s| s.service == "secsync-persistence" && s.name.ends_with("/SubmitUpdate"))
+        .map(|s| s.trace_id.clone())
+        .find(|trace| {
+            received
+                .spans
+                .iter()
+                .any(|s| s.trace_id == *trace && s.service == "secsync-gateway")
+        })
+        .unwrap();
+
     // Metrics: only what the code defines, under the names the dashboards query.
     let defined: Vec<_> = secsync_gateway::metrics::INSTRUMENTS
         .iter()
@@ -238,6 +251,18 @@ async fn one_trace_from_sender_to_receiver_and_no_secrets() {
         .flat_map(|s| s.output())
         .collect();
     assert!(logs.len() > 10, "the processes logged");
+    // Log lines lead to their trace: the update's acceptance is logged under its trace id by
+    // the gateway that took it and by persistence.
+    let in_trace = format!("\"trace_id\":\"{update_trace}\"");
+    for (service, name) in [(&a, "gateway A"), (&persistence, "persistence")] {
+        assert!(
+            service
+                .output()
+                .iter()
+                .any(|line| line.contains(&in_trace) && line.contains("\"span_id\":\"")),
+            "no log line of {name} carries the update's trace id"
+        );
+    }
     for secret in &secrets {
         for text in received.raw.iter().chain(logs.iter()) {
             assert!(

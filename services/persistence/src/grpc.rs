@@ -41,6 +41,7 @@ impl<B: Backend> PersistenceService<B> {
             .submit(doc, kind, body, request_id(id))
             .await
             .map_err(status)?;
+        tracing::debug!(?kind, ?outcome, "submitted");
         Ok(Response::new(submit_response(outcome)))
     }
 }

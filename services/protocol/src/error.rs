@@ -156,6 +156,18 @@ impl FrameError {
         }
     }
 
+    /// The `type` of [`FrameError::reply`]'s frame (a metric label; never client data).
+    pub fn reply_type(&self) -> &'static str {
+        if self.reason == Reason::Denied {
+            return "unauthorized";
+        }
+        match &self.shape {
+            Shape::Snapshot => "snapshot-save-failed",
+            Shape::Update { .. } => "update-save-failed",
+            Shape::Unknown | Shape::Ephemeral => "invalid-message",
+        }
+    }
+
     /// Whether the connection must be closed after the reply (denied writes, PROTOCOL.md 3.3).
     pub fn closes_connection(&self) -> bool {
         self.reason == Reason::Denied

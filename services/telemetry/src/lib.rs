@@ -1,7 +1,7 @@
 //! Telemetry for every binary, set up in one place.
 //!
 //! * Logs through `tracing`: human-readable by default, JSON with `--log-format json`, filtered
-//!   by `RUST_LOG` (default `info`).
+//!   by `RUST_LOG` (default `info`); with traces exported, each line names its trace and span.
 //! * OpenTelemetry traces (every `tracing` span, through `tracing-opentelemetry`) and metrics
 //!   (instruments from [`opentelemetry::global::meter`], named where the work happens), exported
 //!   over OTLP and configured only by the standard variables: `OTEL_EXPORTER_OTLP_ENDPOINT` (or
@@ -20,6 +20,7 @@
 //! ids, public keys, clocks, sizes, kinds and reason codes.
 
 pub mod instruments;
+mod logs;
 pub mod propagation;
 
 use opentelemetry::trace::TracerProvider as _;
@@ -168,10 +169,17 @@ pub fn init(service: &'static str, format: &str) -> Telemetry {
 
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let logs = if format == "json" {
-        tracing_subscriber::fmt::layer().json().boxed()
-    } else {
-        tracing_subscriber::fmt::layer().boxed()
+    let json = format == "json";
+    let logs = match (json, tracer_provider.is_some()) {
+        (true, false) => tracing_subscriber::fmt::layer().json().boxed(),
+        (false, false) => tracing_subscriber::fmt::layer().boxed(),
+        (true, true) => tracing_subscriber::fmt::layer()
+            .json()
+            .map_event_format(|inner| logs::WithTraceIds { inner, json })
+            .boxed(),
+        (false, true) => tracing_subscriber::fmt::layer()
+            .map_event_format(|inner| logs::WithTraceIds { inner, json })
+            .boxed(),
     };
     let traces = tracer_provider.as_ref().map(|provider| {
         tracing_opentelemetry::layer()
@@ -186,6 +194,7 @@ pub fn init(service: &'static str, format: &str) -> Telemetry {
         .with(logs)
         .with(traces)
         .init();
+    logs::remember_dispatch();
     for problem in problems {
         tracing::warn!(%problem, "OpenTelemetry export not started");
     }

@@ -49,6 +49,9 @@ export default [
       a.append("<S1>");
       await waitForSynced(a);
       const s1 = a.activeSnapshotId();
+      // Behind two gateways S1 reaches B through NATS after A's snapshot-saved: a change B made
+      // before that would go out as a competing first snapshot and rotate past S1.
+      await waitForState(b, (x) => x.activeSnapshotId() === s1, { label: "B has S1" });
       b.append("<B:pre0>");
       await waitForSynced(b);
       b.append("<B:pre1>");
