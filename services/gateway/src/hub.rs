@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
 use futures::StreamExt as _;
 use secsync_protocol::{
     parse_client_frame, wire, ClientFrame, DocumentId, ParseOptions, SnapshotId,
@@ -62,7 +61,7 @@ pub struct Delivery {
     pub sequence: Option<u64>,
     /// For a snapshot: its id (the client's new active snapshot once delivered).
     pub snapshot_id: Option<SnapshotId>,
-    pub frame: Utf8Bytes,
+    pub frame: bytes::Bytes,
 }
 
 enum Input {
@@ -590,7 +589,7 @@ impl Channel {
                 if *origin.gateway == *self.gateway => {}
             Input::Local(BusEvent::Ephemeral { origin, body })
             | Input::Event(BusEvent::Ephemeral { origin, body }) => {
-                let frame = Utf8Bytes::from(wire::ephemeral_broadcast(&body));
+                let frame = bytes::Bytes::from(wire::ephemeral_broadcast(&body));
                 self.deliver(None, None, Some(&origin), &frame);
             }
             Input::Local(BusEvent::Committed {
@@ -645,7 +644,7 @@ impl Channel {
                 );
                 break;
             };
-            let frame = Utf8Bytes::from(match pending.kind {
+            let frame = bytes::Bytes::from(match pending.kind {
                 SubmitKind::Snapshot => wire::snapshot_broadcast(&body),
                 SubmitKind::Update => wire::update_broadcast(&body),
             });
@@ -756,7 +755,7 @@ impl Channel {
         sequence: Option<u64>,
         snapshot_id: Option<&SnapshotId>,
         origin: Option<&Origin>,
-        frame: &Utf8Bytes,
+        frame: &bytes::Bytes,
     ) {
         let local_origin = origin
             .filter(|o| *o.gateway == *self.gateway)

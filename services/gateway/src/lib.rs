@@ -26,3 +26,4 @@ pub mod revocation;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod ws;

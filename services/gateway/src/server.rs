@@ -7,9 +7,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
-use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::serve::ListenerExt as _;
@@ -20,6 +19,7 @@ use secsync_protocol::parse_connect;
 use crate::admission::Slot;
 use crate::gateway::Gateway;
 use crate::session;
+use crate::ws::{Upgrade, UpgradeError};
 
 /// The router: every path is a document unless it is a plain GET of a health endpoint.
 pub fn router(gateway: Arc<Gateway>) -> Router {
@@ -36,18 +36,21 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
 async fn handle(
     State(gateway): State<Arc<Gateway>>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
-    headers: HeaderMap,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-    uri: Uri,
+    mut request: Request,
 ) -> Response {
-    let Ok(upgrade) = upgrade else {
-        return match uri.path() {
-            "/healthz" => (StatusCode::OK, "ok").into_response(),
-            "/readyz" if gateway.ready() => (StatusCode::OK, "ready").into_response(),
-            "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response(),
-            _ => StatusCode::NOT_FOUND.into_response(),
-        };
+    let upgrade = match Upgrade::from_request(&mut request) {
+        Ok(upgrade) => upgrade,
+        Err(UpgradeError::NotUpgrade) => {
+            return match request.uri().path() {
+                "/healthz" => (StatusCode::OK, "ok").into_response(),
+                "/readyz" if gateway.ready() => (StatusCode::OK, "ready").into_response(),
+                "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response(),
+                _ => StatusCode::NOT_FOUND.into_response(),
+            };
+        }
+        Err(error) => return error.response(),
     };
+    let (headers, uri) = (request.headers(), request.uri());
     if gateway.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response();
     }
@@ -83,21 +86,12 @@ async fn handle(
         .strip_prefix(gateway.path_prefix.as_str())
         .unwrap_or(path);
     let request = parse_connect(path, uri.query());
+    let request = request.map(Box::new);
     let connection = gateway.next_connection();
-    let limit = gateway.limits.max_frame_bytes;
+    let (response, upgraded) = upgrade.accept();
     let tasks = gateway.tasks.clone();
-    upgrade
-        .max_message_size(limit)
-        .max_frame_size(limit)
-        // Small buffers keep idle connections cheap; they grow for large frames.
-        .read_buffer_size(512)
-        .write_buffer_size(0)
-        .on_upgrade(move |socket| {
-            // A task of its own: axum's upgrade task, if the session ran inside it, would keep
-            // its own room for the socket and the handshake for the connection's lifetime.
-            tasks.spawn(session::run(gateway, socket, request, connection, slot));
-            std::future::ready(())
-        })
+    tasks.spawn(session::run(gateway, upgraded, request, connection, slot));
+    response
 }
 
 /// Applies every revocation from the bus, for as long as the gateway exists.

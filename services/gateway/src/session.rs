@@ -20,8 +20,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures::{SinkExt as _, StreamExt as _};
+use bytes::Bytes;
 use secsync_protocol::wire::{self, Recovery};
 use secsync_protocol::{
     parse_client_frame, ClientFrame, ConnectError, ConnectRequest, FrameError, LoadMode,
@@ -37,6 +36,7 @@ use crate::hub::{Delivery, Membership};
 use crate::metrics::metrics;
 use crate::revocation::Registration;
 use crate::store::{RequestId, StoreError, SubmitKind, Submitted};
+use crate::ws::{Frame, Incoming, ReadError, Socket};
 
 /// Close codes the gateway uses.
 pub mod close {
@@ -54,25 +54,8 @@ pub mod close {
     pub const TIMEOUT: u16 = 1001;
     /// Access control: the grant expired (4001), the session was revoked (4003).
     pub use crate::revocation::close::{EXPIRED, REVOKED};
-}
-
-enum Outgoing {
-    Frame(Utf8Bytes),
-    Ping,
-    Close(u16, &'static str),
-}
-
-impl Outgoing {
-    fn into_message(self) -> Message {
-        match self {
-            Outgoing::Frame(frame) => Message::Text(frame),
-            Outgoing::Ping => Message::Ping(bytes::Bytes::new()),
-            Outgoing::Close(code, reason) => Message::Close(Some(CloseFrame {
-                code,
-                reason: reason.into(),
-            })),
-        }
-    }
+    /// Broken framing (1002), text that is not UTF-8 (1007).
+    pub use crate::ws::close::{INVALID_TEXT, PROTOCOL_ERROR};
 }
 
 /// Why the session ended (for logs).
@@ -84,33 +67,29 @@ enum End {
 
 /// The socket and the bounded queue of what is to be written to it, in order.
 struct Link {
-    socket: WebSocket,
-    queue: VecDeque<Outgoing>,
+    socket: Socket,
+    queue: VecDeque<Frame>,
     /// The connection's place under the gateway's connection limits, until the socket is gone.
     _slot: Slot,
-    /// Frames queued for a client that does not read before it counts as a slow consumer
-    /// (`u32`: with the permit the box stays at 424 bytes).
+    /// Frames queued for a client that does not read before it counts as a slow consumer.
     limit: u32,
-    /// Frames were handed to the socket and not flushed yet.
-    unflushed: bool,
     /// Writing failed: the client is gone (reading notices it too).
     broken: bool,
 }
 
 impl Link {
-    fn new(socket: WebSocket, limit: usize, slot: Slot) -> Self {
+    fn new(socket: Socket, limit: usize, slot: Slot) -> Self {
         Self {
             socket,
             queue: VecDeque::new(),
             _slot: slot,
             limit: u32::try_from(limit.max(2)).unwrap_or(u32::MAX),
-            unflushed: false,
             broken: false,
         }
     }
 
     /// Queues a frame; a full queue means a slow consumer.
-    fn push(&mut self, item: Outgoing) -> Result<(), End> {
+    fn push(&mut self, item: Frame) -> Result<(), End> {
         if self.queue.len() >= self.limit as usize {
             return Err(End::Closed(close::TRY_AGAIN_LATER));
         }
@@ -141,18 +120,8 @@ impl Link {
         }
     }
 
-    fn poll_write_inner(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), axum::Error>> {
-        while !self.queue.is_empty() {
-            ready!(self.socket.poll_ready_unpin(cx))?;
-            if let Some(item) = self.queue.pop_front() {
-                self.socket.start_send_unpin(item.into_message())?;
-                self.unflushed = true;
-            }
-        }
-        if self.unflushed {
-            ready!(self.socket.poll_flush_unpin(cx))?;
-            self.unflushed = false;
-        }
+    fn poll_write_inner(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        ready!(self.socket.poll_write(cx, &mut self.queue))?;
         // Drained: give the storage back (most connections are idle most of the time).
         if self.queue.capacity() > 0 {
             self.queue = VecDeque::new();
@@ -187,19 +156,25 @@ impl Link {
                 close::TIMEOUT => "timeout",
                 close::EXPIRED => "session expired",
                 close::REVOKED => "access revoked",
+                close::PROTOCOL_ERROR => "protocol error",
+                close::INVALID_TEXT => "text is not UTF-8",
                 _ => "",
             };
             if matches!(code, close::EXPIRED | close::REVOKED) {
                 // Access ended: nothing more reaches the client, not even what was queued.
-                self.queue.clear();
+                let link = &mut *self;
+                link.socket.discard_unsent(&mut link.queue);
             }
             // Past the limit: the close goes after everything queued.
-            self.queue.push_back(Outgoing::Close(code, reason));
+            self.queue.push_back(Frame::close(code, reason));
         }
         let done = poll_fn(|cx| {
-            ready!(self.poll_write(cx));
-            // Also after a failed write: a close the client started still gets its answer.
-            self.socket.poll_close_unpin(cx).map(|_| ())
+            if self.broken {
+                return Poll::Ready(());
+            }
+            // A close the client started gets its answer after what is queued.
+            let link = &mut *self;
+            link.socket.poll_close(cx, &mut link.queue).map(|_| ())
         });
         let _ = tokio::time::timeout(linger, done).await;
     }
@@ -225,18 +200,27 @@ struct Session {
     refilled: Instant,
 }
 
-/// Runs a connection to its end; `slot` is its place under the connection limits.
-pub fn run(
+/// Runs a connection to its end, from the moment its upgrade response is sent; `slot` is its
+/// place under the connection limits.
+pub async fn run(
     gateway: Arc<Gateway>,
-    socket: WebSocket,
-    request: Result<ConnectRequest, ConnectError>,
+    upgrade: hyper::upgrade::OnUpgrade,
+    request: Result<Box<ConnectRequest>, ConnectError>,
     connection: u64,
     slot: Slot,
-) -> impl Future<Output = ()> + Send + 'static {
-    // Boxed before any future holds them: a future keeps room for what it was given even after
-    // it moved it on, and the socket lives as long as the connection.
+) {
+    let upgraded = match upgrade.await {
+        Ok(upgraded) => upgraded,
+        Err(error) => {
+            tracing::debug!(connection, %error, "upgrade failed");
+            return;
+        }
+    };
+    // Boxed at once: the socket lives as long as the connection, and a future keeps room for
+    // what it holds across an await.
+    let socket = Socket::upgraded(upgraded, gateway.limits.max_frame_bytes);
     let link = Box::new(Link::new(socket, gateway.limits.send_queue, slot));
-    serve(gateway, link, request.map(Box::new), connection)
+    serve(gateway, link, request, connection).await;
 }
 
 async fn serve(
@@ -250,7 +234,9 @@ async fn serve(
         Err(error) => {
             tracing::info!(connection, %error, "refused connection");
             metrics().frame_sent("document-error");
-            let _ = link.push(Outgoing::Frame(wire::DOCUMENT_ERROR.into()));
+            let _ = link.push(Frame::text(Bytes::from_static(
+                wire::DOCUMENT_ERROR.as_bytes(),
+            )));
             link.finish(End::Closed(close::NORMAL), linger(&gateway))
                 .await;
             return;
@@ -302,7 +288,9 @@ async fn open(
         Err(denied) => {
             tracing::info!(connection, %doc, reason = denied.reason, "access denied");
             metrics().frame_sent("unauthorized");
-            let _ = link.push(Outgoing::Frame(wire::UNAUTHORIZED.into()));
+            let _ = link.push(Frame::text(Bytes::from_static(
+                wire::UNAUTHORIZED.as_bytes(),
+            )));
             return Err((End::Closed(close::NORMAL), link));
         }
     };
@@ -314,7 +302,9 @@ async fn open(
     let registration = gateway.revocations.register(&doc, connection, &grant);
     if gateway.revocations.refuses(&doc, &grant) {
         tracing::info!(connection, %doc, reason = "revoked", "access denied");
-        let _ = link.push(Outgoing::Frame(wire::UNAUTHORIZED.into()));
+        let _ = link.push(Frame::text(Bytes::from_static(
+            wire::UNAUTHORIZED.as_bytes(),
+        )));
         return Err((End::Closed(close::NORMAL), link));
     }
     let loaded = match gateway.store.load(&doc, &load, true).await {
@@ -331,7 +321,7 @@ async fn open(
         loaded.chain.as_deref(),
     );
     metrics().frame_sent("document");
-    if let Err(end) = link.push(Outgoing::Frame(frame.into())) {
+    if let Err(end) = link.push(Frame::text(frame.into())) {
         return Err((end, link));
     }
     gateway.hub.loaded(&doc, loaded.sequence);
@@ -357,7 +347,7 @@ async fn open(
 
 /// What woke the session.
 enum Event {
-    Incoming(Option<Result<Message, axum::Error>>),
+    Incoming(Option<Result<Incoming, ReadError>>),
     Delivery(Option<Delivery>),
     Ping,
     Shutdown,
@@ -405,7 +395,7 @@ impl Session {
                         if self.link.broken {
                             return Poll::Ready(Event::Incoming(None));
                         }
-                        if let Poll::Ready(message) = self.link.socket.poll_next_unpin(cx) {
+                        if let Poll::Ready(message) = self.link.socket.poll_next(cx) {
                             return Poll::Ready(Event::Incoming(message));
                         }
                     } else if hold.is_none() {
@@ -426,20 +416,20 @@ impl Session {
                 Event::Incoming(message) => {
                     last_seen = Instant::now();
                     match message {
-                        None | Some(Ok(Message::Close(_))) => return End::ClientClosed,
+                        None | Some(Ok(Incoming::Close)) => return End::ClientClosed,
                         Some(Err(error)) => {
-                            let text = error.to_string();
-                            if text.contains("too long") || text.contains("too big") {
-                                tracing::info!(
-                                    connection = self.connection,
-                                    doc = %self.membership.doc(),
-                                    "frame over the size limit"
-                                );
-                                return End::Closed(close::TOO_BIG);
-                            }
-                            return End::ClientClosed;
+                            let Some(code) = error.close_code() else {
+                                return End::ClientClosed;
+                            };
+                            tracing::info!(
+                                connection = self.connection,
+                                doc = %self.membership.doc(),
+                                %error,
+                                "closing: the client broke the WebSocket rules or limits"
+                            );
+                            return End::Closed(code);
                         }
-                        Some(Ok(Message::Text(text))) => {
+                        Some(Ok(Incoming::Text(text))) => {
                             hold = None;
                             // A span per frame, not per connection: an idle connection then
                             // holds none. Boxed: handling a frame needs far more state than
@@ -452,7 +442,7 @@ impl Session {
                             );
                             Box::pin(self.frame(text).instrument(span)).await
                         }
-                        Some(Ok(Message::Binary(_))) => {
+                        Some(Ok(Incoming::Binary)) => {
                             metrics().frame_received("binary");
                             metrics().rejected(Reason::BinaryFrame.code());
                             self.reply(
@@ -460,7 +450,7 @@ impl Session {
                                 wire::invalid_message(Reason::BinaryFrame),
                             )
                         }
-                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
+                        Some(Ok(Incoming::Ping | Incoming::Pong)) => Ok(()),
                     }
                 }
                 Event::Delivery(Some(delivery)) => {
@@ -490,7 +480,7 @@ impl Session {
                         return End::Closed(close::TIMEOUT);
                     }
                     ping.as_mut().reset(Instant::now() + ping_every);
-                    self.link.push(Outgoing::Ping)
+                    self.link.push(Frame::ping())
                 }
             };
             if let Err(end) = result {
@@ -500,9 +490,9 @@ impl Session {
     }
 
     /// One text frame: its turn under the rate limit, then its handling.
-    async fn frame(&mut self, text: Utf8Bytes) -> Result<(), End> {
+    async fn frame(&mut self, text: String) -> Result<(), End> {
         self.throttle().await;
-        self.handle(text.as_str()).await
+        self.handle(&text).await
     }
 
     /// Waits for a token of the connection's rate limit (slows a flood down, rejects nothing).
@@ -526,9 +516,9 @@ impl Session {
         self.send_frame(kind, frame.into())
     }
 
-    fn send_frame(&mut self, kind: &'static str, frame: Utf8Bytes) -> Result<(), End> {
+    fn send_frame(&mut self, kind: &'static str, frame: Bytes) -> Result<(), End> {
         metrics().frame_sent(kind);
-        self.link.push(Outgoing::Frame(frame))
+        self.link.push(Frame::text(frame))
     }
 
     async fn handle(&mut self, text: &str) -> Result<(), End> {

@@ -7,7 +7,8 @@
 mod common;
 
 use common::{
-    doc_id, http_status, nats_url, update_clock, Gateway, Persistence, PrivateNats, Signer, Ws,
+    doc_id, http_get, http_status, masked_frame, nats_url, update_clock, Gateway, Persistence,
+    PrivateNats, Signer, SilentWs, Ws,
 };
 use secsync_protocol::ServerFrame;
 
@@ -106,6 +107,98 @@ async fn health_opening_sequence_and_bad_input() {
     ));
     let next = listener.next().await.unwrap();
     assert_eq!(update_clock(&next), Some((signer.pub_key.clone(), 0)));
+}
+
+/// The gateway's own WebSocket layer against a raw client: handshake refusals, pings answered,
+/// a fragmented message (with a ping inside it) read whole, broken framing and bad text closed
+/// with their codes, a client's close answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_framing_rules() {
+    let persistence = Persistence::start().await;
+    let gateway = Gateway::start(&persistence.url, &nats_url(), &[]);
+    gateway.ready().await;
+    let doc = doc_id("framing");
+    let path = format!("/{doc}?sessionKey=k");
+    let upgrade = [
+        "Upgrade: websocket",
+        "Connection: keep-alive, Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+    ];
+    let with = |extra: &'static str| {
+        let mut headers = upgrade.to_vec();
+        headers.push(extra);
+        headers
+    };
+    let version_8 = with("Sec-WebSocket-Version: 8");
+    assert_eq!(http_get(gateway.port, &path, &version_8).await, Some(426));
+    let no_key = [
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Version: 13",
+    ];
+    assert_eq!(http_get(gateway.port, &path, &no_key).await, Some(400));
+    let version_13 = with("Sec-WebSocket-Version: 13");
+    assert_eq!(http_get(gateway.port, &path, &version_13).await, Some(101));
+    assert_eq!(http_get(gateway.port, &path, &[]).await, Some(404));
+
+    let document = |frame: Option<(u8, Vec<u8>)>| {
+        let (opcode, text) = frame.expect("a frame");
+        assert_eq!(opcode, 1);
+        assert!(text.starts_with(br#"{"type":"document""#));
+    };
+    let closed_with = |frame: Option<(u8, Vec<u8>)>, code: u16| {
+        let (opcode, payload) = frame.expect("a close");
+        assert_eq!(opcode, 8);
+        assert_eq!(payload[..2], code.to_be_bytes());
+    };
+
+    let mut ws = SilentWs::connect(gateway.port, &doc).await;
+    document(ws.frame().await);
+    ws.send_raw(&masked_frame(true, 0x9, b"are you there"))
+        .await;
+    assert_eq!(ws.frame().await, Some((0xA, b"are you there".to_vec())));
+    // `{"publicData":5}` in three fragments with a ping between them: answered, then the
+    // whole message reaches the session (and is refused for its shape).
+    let fragmented = [
+        masked_frame(false, 0x1, br#"{"publicD"#),
+        masked_frame(true, 0x9, b"x"),
+        masked_frame(false, 0x0, br#"ata":"#),
+        masked_frame(true, 0x0, b"5}"),
+    ]
+    .concat();
+    ws.send_raw(&fragmented).await;
+    assert_eq!(ws.frame().await, Some((0xA, b"x".to_vec())));
+    let (opcode, reply) = ws.frame().await.unwrap();
+    assert_eq!(opcode, 1);
+    let reply = String::from_utf8(reply).unwrap();
+    assert!(
+        reply.contains("invalid-message") && reply.contains("bad-shape"),
+        "{reply}"
+    );
+    // Text that is not UTF-8: 1007, and the server ends the connection.
+    ws.send_raw(&masked_frame(true, 0x1, &[b'"', 0xff, b'"']))
+        .await;
+    closed_with(ws.frame().await, 1007);
+    assert_eq!(ws.frame().await, None);
+
+    // An unmasked client frame: 1002.
+    let mut ws = SilentWs::connect(gateway.port, &doc).await;
+    document(ws.frame().await);
+    ws.send_raw(&[0x81, 0x02, b'h', b'i']).await;
+    closed_with(ws.frame().await, 1002);
+    assert_eq!(ws.frame().await, None);
+
+    // The client closes: answered with its code, then the end of the stream.
+    let mut ws = SilentWs::connect(gateway.port, &doc).await;
+    document(ws.frame().await);
+    ws.send_raw(&masked_frame(
+        true,
+        0x8,
+        &[&4000u16.to_be_bytes()[..], b"bye"].concat(),
+    ))
+    .await;
+    closed_with(ws.frame().await, 4000);
+    assert_eq!(ws.frame().await, None);
 }
 
 /// Clients of one document on two gateways: every client gets every update once, in order.

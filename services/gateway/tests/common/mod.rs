@@ -347,6 +347,45 @@ pub async fn http_status(port: u16, path: &str) -> Option<u16> {
     text.split(' ').nth(1)?.parse().ok()
 }
 
+/// A plain HTTP GET with extra header lines (e.g. a WebSocket upgrade); the status.
+pub async fn http_get(port: u16, path: &str, headers: &[&str]) -> Option<u16> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+    for header in headers {
+        request.push_str(header);
+        request.push_str("\r\n");
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    // One response: its status line is all that is needed.
+    let mut response = vec![0u8; 1024];
+    let n = tokio::time::timeout(WAIT, stream.read(&mut response))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&response[..n]);
+    text.split(' ').nth(1)?.parse().ok()
+}
+
+/// A client frame as a browser sends it: masked, `fin` or not, with the given opcode.
+pub fn masked_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x5a, 0x13, 0xc4, 0x81];
+    let mut out = vec![if fin { 0x80 | opcode } else { opcode }];
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | u8::try_from(n).unwrap()),
+        n => {
+            out.push(0xFE); // masked, 16-bit length
+            out.extend_from_slice(&u16::try_from(n).unwrap().to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
 /// A plain HTTP POST with extra header lines (e.g. `Authorization: Bearer …`); the status.
 pub async fn http_post(port: u16, path: &str, headers: &[&str], body: &str) -> Option<u16> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -685,6 +724,12 @@ impl SilentWs {
         assert!(head.starts_with("HTTP/1.1 101"), "{head}");
         ws.buffer.drain(..end);
         ws
+    }
+
+    /// Writes raw bytes (frames made with [`masked_frame`], or broken ones).
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt as _;
+        self.stream.write_all(bytes).await.unwrap();
     }
 
     async fn read_more(&mut self) -> bool {
