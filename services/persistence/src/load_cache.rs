@@ -52,12 +52,18 @@ impl Entry {
     fn measure(&mut self) {
         self.bytes = ENTRY_OVERHEAD
             + self.snapshot.as_ref().map_or(0, String::len)
-            + self
-                .updates
-                .iter()
-                .map(|u| u.body.len() + u.pub_key.len() + UPDATE_OVERHEAD)
-                .sum::<usize>();
+            + self.updates.iter().map(update_bytes).sum::<usize>();
     }
+
+    /// Appends an update, counting it (a commit must not walk a large document's updates).
+    fn push(&mut self, update: StoredUpdate) {
+        self.bytes += update_bytes(&update);
+        self.updates.push(update);
+    }
+}
+
+fn update_bytes(update: &StoredUpdate) -> usize {
+    update.body.len() + update.pub_key.len() + UPDATE_OVERHEAD
 }
 
 #[derive(Debug, Default)]
@@ -183,6 +189,7 @@ impl LoadCache {
                     entry.active = id.clone();
                     entry.snapshot = Some(body.to_owned());
                     entry.updates.clear();
+                    entry.measure();
                 }
                 Accepted::Update {
                     snapshot,
@@ -195,7 +202,7 @@ impl LoadCache {
                         // means this entry is not what the commit saw.
                         return;
                     }
-                    entry.updates.push(StoredUpdate {
+                    entry.push(StoredUpdate {
                         pub_key: pub_key.to_owned(),
                         clock,
                         body: body.to_owned(),
@@ -204,7 +211,6 @@ impl LoadCache {
             }
         }
         entry.head_seq = to_seq;
-        entry.measure();
         insert(&mut state, doc.clone(), entry, self.budget);
     }
 }
@@ -320,6 +326,18 @@ mod tests {
             (snapshot.as_deref(), updates),
             (Some("two"), vec!["b0".to_owned()])
         );
+        // Counted as it grew: the same bytes as measuring the entry afresh.
+        let counted = cache.lock().entries[&d].bytes;
+        let mut fresh = Entry {
+            head_seq: 5,
+            active: s2.clone(),
+            snapshot: Some("two".into()),
+            updates: vec![update("b", 0)],
+            bytes: 0,
+            used: 0,
+        };
+        fresh.measure();
+        assert_eq!((counted, cache.lock().bytes), (fresh.bytes, fresh.bytes));
         // A commit from a head the entry is not at (another replica wrote in between).
         cache.advance(&d, 7, 8, []);
         assert!(cache.get(&d, 5, &s2, false, ALL).is_none());
