@@ -420,6 +420,28 @@ mod tests {
     }
 
     #[test]
+    fn a_worker_takes_a_document_id_that_begins_with_a_dash() {
+        // Random ids are base64url: one in 64 begins with '-', and the spawner passes `--doc=ID`.
+        let argv = [
+            "secsync-bench",
+            "idle-worker",
+            "--url",
+            "ws://127.0.0.1:4000",
+            "--doc=-Kx3",
+            "--count",
+            "10",
+            "--first-source",
+            "2",
+            "--sources",
+            "1",
+        ];
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::IdleWorker(args) => assert_eq!(args.doc, "-Kx3"),
+            other => panic!("parsed {other:?}"),
+        }
+    }
+
+    #[test]
     fn defaults_are_the_issue_phases() {
         let a = run_args(&[]);
         assert_eq!(

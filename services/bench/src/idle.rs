@@ -100,7 +100,8 @@ pub async fn run(
                         .iter()
                         .flat_map(|e| ["--url".to_owned(), e.base.clone()]),
                 )
-                .args(["--doc", doc.id.as_str()])
+                // `--doc=ID`: a random document id may begin with '-', which would read as a flag.
+                .arg(format!("--doc={}", doc.id.as_str()))
                 .args(["--count", &count.to_string()])
                 .args(["--first-source", &first_source.to_string()])
                 .args(["--sources", &p.sources_per_worker.to_string()])

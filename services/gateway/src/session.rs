@@ -302,6 +302,7 @@ async fn open(
     let registration = gateway.revocations.register(&doc, connection, &grant);
     if gateway.revocations.refuses(&doc, &grant) {
         tracing::info!(connection, %doc, reason = "revoked", "access denied");
+        metrics().frame_sent("unauthorized");
         let _ = link.push(Frame::text(Bytes::from_static(
             wire::UNAUTHORIZED.as_bytes(),
         )));

@@ -411,15 +411,6 @@ impl<B: Backend> Inner<B> {
     /// Runs one batch in one transaction; returns one outcome per work, in order.
     async fn commit_batch(&self, works: &[Work]) -> Result<Vec<Outcome>, BackendError> {
         let mut tx = self.backend.begin_write().await?;
-        let request_ids: Vec<&str> = works
-            .iter()
-            .filter_map(|w| w.request_id.as_deref())
-            .collect();
-        let known = if request_ids.is_empty() {
-            HashMap::new()
-        } else {
-            tx.find_requests(&request_ids).await?
-        };
         let docs: Vec<&DocumentId> = works
             .iter()
             .map(|w| &w.doc)
@@ -438,6 +429,19 @@ impl<B: Backend> Inner<B> {
             self.backend.ensure_documents(&missing).await?;
             return Box::pin(self.commit_batch(works)).await;
         }
+        // Request ids are looked up only under the documents' locks: a first attempt of the same
+        // request committing on another replica has then either committed (and is found) or
+        // not started, never in between (a retry would otherwise be checked against the state
+        // the first attempt made and refused for its clock).
+        let request_ids: Vec<&str> = works
+            .iter()
+            .filter_map(|w| w.request_id.as_deref())
+            .collect();
+        let known = if request_ids.is_empty() {
+            HashMap::new()
+        } else {
+            tx.find_requests(&request_ids).await?
+        };
 
         let mut batch = BatchState {
             outcomes: vec![None; works.len()],

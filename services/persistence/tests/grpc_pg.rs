@@ -230,6 +230,77 @@ async fn two_processes_share_one_database() {
     .await;
 }
 
+/// A gateway that retries a submission on the other replica while its first attempt is still
+/// in flight (a network split) gets the first attempt's result, not a clock error: request ids
+/// are looked up only once the document is locked. The test holds the document's row lock
+/// itself until both attempts wait for it, so they always overlap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_racing_its_first_attempt_gets_the_first_result() {
+    use sqlx::Connection as _;
+    with_database(|url| async move {
+        let (one, two) = (Persistence::start(&url), Persistence::start(&url));
+        let (mut c1, c2) = (one.client(), two.client());
+        let mut watcher = sqlx::PgConnection::connect(&url).await.unwrap();
+        let author = Author::new(7);
+        for round in 0..3u64 {
+            let doc = format!("race-{round}");
+            let snapshot = Author::new(99).snapshot(&doc, "S1", None, &[]);
+            accepted(
+                &submit(&mut c1, &doc, true, &snapshot.body, None)
+                    .await
+                    .unwrap(),
+            );
+            let mut holder = sqlx::PgConnection::connect(&url).await.unwrap();
+            let mut lock = holder.begin().await.unwrap();
+            sqlx::query("SELECT id FROM documents WHERE id = $1 FOR UPDATE")
+                .bind(&doc)
+                .fetch_one(&mut *lock)
+                .await
+                .unwrap();
+            let body = author.update(&doc, "S1", 0);
+            let attempts: Vec<_> = [c1.clone(), c2.clone()]
+                .into_iter()
+                .map(|mut client| {
+                    let (doc, body) = (doc.clone(), body.clone());
+                    tokio::spawn(async move {
+                        submit(&mut client, &doc, false, &body, request_id(round, 0)).await
+                    })
+                })
+                .collect();
+            // Both attempts are inside their transactions, waiting for the document's lock.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .fetch_one(&mut watcher)
+                .await
+                .unwrap();
+                if waiting >= 2 {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "round {round}: the attempts never waited for the lock"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            lock.commit().await.unwrap();
+            let mut sequences = Vec::new();
+            for attempt in attempts {
+                sequences.push(accepted(&attempt.await.unwrap().unwrap()));
+            }
+            assert_eq!(
+                sequences,
+                [2, 2],
+                "round {round}: both answer the one acceptance"
+            );
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_outage_and_restart_lose_nothing() {
     let pg = PrivatePostgres::start();
