@@ -10,7 +10,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("persistence_descriptor.bin"),
         prost::Message::encode_to_vec(&descriptors),
     )?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    // Load bodies decode as shared slices of the received buffer, not one allocation each.
+    tonic_prost_build::configure()
+        .bytes(".secsync.persistence.v1.LoadDocumentChunk.snapshot_part")
+        .bytes(".secsync.persistence.v1.UpdateBodies.bodies")
+        .compile_fds(descriptors)?;
     println!("cargo:rerun-if-changed={proto_root}");
     Ok(())
 }

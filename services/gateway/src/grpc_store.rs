@@ -22,6 +22,7 @@ use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use secsync_protocol::{DocumentId, LoadMode, LoadRequest, ProofEntry, Reason, SnapshotId};
 use secsync_rpc::v1 as pb;
 use secsync_rpc::v1::persistence_client::PersistenceClient;
@@ -501,7 +502,8 @@ impl GrpcStore {
             .await?
             .into_inner();
         let mut loaded = Loaded::default();
-        let mut snapshot = String::new();
+        // Pieces of the snapshot body: one piece is used as it arrived, more are joined.
+        let mut snapshot = Vec::new();
         let mut has_snapshot = false;
         while let Some(chunk) = stream.next().await {
             match chunk?.part {
@@ -514,7 +516,6 @@ impl GrpcStore {
                         .transpose()
                         .map_err(|e| StoreError::Failed(format!("active snapshot id: {e}")))?;
                     has_snapshot = h.has_snapshot;
-                    snapshot.reserve(usize::try_from(h.snapshot_len).unwrap_or(0));
                     loaded
                         .updates
                         .reserve(usize::try_from(h.update_count).unwrap_or(0));
@@ -529,13 +530,16 @@ impl GrpcStore {
                         None
                     };
                 }
-                Some(Part::SnapshotPart(part)) => snapshot.push_str(&part),
+                Some(Part::SnapshotPart(part)) => snapshot.push(part),
                 Some(Part::Updates(batch)) => loaded.updates.extend(batch.bodies),
                 None => {}
             }
         }
         if has_snapshot {
-            loaded.snapshot = Some(snapshot);
+            loaded.snapshot = Some(match <[Bytes; 1]>::try_from(snapshot) {
+                Ok([one]) => one,
+                Err(parts) => Bytes::from(parts.concat()),
+            });
         }
         Ok(loaded)
     }

@@ -321,6 +321,7 @@ async fn open(
         &loaded.updates,
         loaded.chain.as_deref(),
     );
+    drop(loaded.updates);
     metrics().frame_sent("document");
     if let Err(end) = link.push(Frame::text(frame.into())) {
         return Err((end, link));
@@ -513,7 +514,7 @@ impl Session {
     }
 
     /// Queues a frame of type `kind` for the client.
-    fn reply(&mut self, kind: &'static str, frame: String) -> Result<(), End> {
+    fn reply(&mut self, kind: &'static str, frame: impl Into<Bytes>) -> Result<(), End> {
         self.send_frame(kind, frame.into())
     }
 
@@ -586,7 +587,7 @@ impl Session {
             "frame refused"
         );
         metrics().rejected(error.reason.code());
-        self.reply(error.reply_type(), error.reply(&Recovery::default()))?;
+        self.reply(error.reply_type(), error.reply())?;
         if error.closes_connection() {
             return Err(End::Closed(close::NORMAL));
         }
@@ -658,7 +659,7 @@ impl Session {
                 metrics().rejected(Reason::Unavailable.code());
                 return self.reply(
                     "snapshot-save-failed",
-                    wire::snapshot_save_failed(&Recovery::default()),
+                    wire::SNAPSHOT_SAVE_FAILED.as_bytes(),
                 );
             }
         };

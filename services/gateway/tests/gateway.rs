@@ -450,6 +450,54 @@ async fn joiners_during_writes_miss_nothing() {
     }
 }
 
+/// A snapshot and updates larger than the persistence stream's chunks (256 KiB) arrive in
+/// pieces between persistence and the gateway; a fresh client gets them whole, byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_larger_than_a_stream_chunk_loads_whole() {
+    let persistence = Persistence::start().await;
+    let gateway = Gateway::start(&persistence.url, &nats_url(), &[]);
+    gateway.ready().await;
+    let doc = doc_id("large");
+    let signer = Signer::new(3);
+    let body = |frame: &str| {
+        secsync_protocol::parse_client_frame(frame, secsync_protocol::ParseOptions::default())
+            .unwrap()
+            .signed()
+            .body()
+            .to_owned()
+    };
+    let (mut writer, _) = Ws::open(&gateway.url(), &doc).await;
+    // About 800 KB of body: four pieces, cut at byte offsets and joined in order.
+    let snapshot = signer.large_first_snapshot(&doc, "S1", &vec![7u8; 600_000]);
+    writer.send(&snapshot).await;
+    assert!(matches!(
+        writer.next().await,
+        Some(ServerFrame::SnapshotSaved(_))
+    ));
+    let mut updates = Vec::new();
+    for clock in 0..3 {
+        let update = signer.large_update(&doc, "S1", clock, 300 * 1024);
+        writer.send(&update).await;
+        assert!(matches!(
+            writer.next().await,
+            Some(ServerFrame::UpdateSaved { .. })
+        ));
+        updates.push(body(&update));
+    }
+    let (_, first) = Ws::open(&gateway.url(), &doc).await;
+    let ServerFrame::Document {
+        snapshot: Some(loaded),
+        updates: loaded_updates,
+        ..
+    } = first
+    else {
+        panic!("no document with a snapshot")
+    };
+    assert!(loaded.len() > 3 * 256 * 1024, "{}", loaded.len());
+    assert_eq!(loaded, body(&snapshot));
+    assert_eq!(loaded_updates, updates);
+}
+
 /// SIGTERM: clients are closed with 1012 ("service restart") and the process exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_exits_cleanly() {

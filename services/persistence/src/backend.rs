@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 
+use bytes::Bytes;
 use secsync_protocol::{Clock, DocumentId, DocumentState, ProofEntry, SnapshotId};
 
 /// Why a backend call failed.
@@ -60,7 +61,8 @@ pub struct UpdateRow<'a> {
 pub struct StoredUpdate {
     pub pub_key: String,
     pub clock: Clock,
-    pub body: String,
+    /// Shared bytes of the stored UTF-8 text: loads hand it on without copying.
+    pub body: Bytes,
 }
 
 /// An accepted message as read back for gap repair.

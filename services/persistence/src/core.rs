@@ -262,17 +262,18 @@ impl<B: Backend> Core<B> {
             } else {
                 *cache_hit = Some(false);
                 if plan.include_snapshot {
-                    loaded.snapshot =
-                        Some(tx.snapshot_body(doc, active).await?.ok_or_else(|| {
-                            CoreError::Internal("active snapshot row missing".into())
-                        })?);
+                    let body = tx
+                        .snapshot_body(doc, active)
+                        .await?
+                        .ok_or_else(|| CoreError::Internal("active snapshot row missing".into()))?;
+                    loaded.snapshot = Some(body.into());
                 }
                 let updates = tx.updates(doc, active).await?;
                 cache.put(
                     doc,
                     head.head_seq,
                     active,
-                    loaded.snapshot.as_deref(),
+                    loaded.snapshot.as_ref(),
                     &updates,
                 );
                 loaded.updates = updates

@@ -103,19 +103,13 @@ fn submit_response(outcome: Outcome) -> pb::SubmitResponse {
     }
 }
 
-/// Splits a text into pieces of at most `max` bytes on character boundaries.
-fn split_text(text: &str, max: usize) -> Vec<String> {
-    let mut parts = Vec::new();
-    let mut rest = text;
-    while !rest.is_empty() {
-        let mut end = rest.len().min(max);
-        while !rest.is_char_boundary(end) {
-            end -= 1;
-        }
-        parts.push(rest[..end].to_owned());
-        rest = &rest[end..];
-    }
-    parts
+/// Pieces of at most `max` bytes, sharing `body`'s storage (the receiver joins them before it
+/// reads any text, so a piece may end inside a character).
+fn split_shared(body: &bytes::Bytes, max: usize) -> Vec<bytes::Bytes> {
+    (0..body.len())
+        .step_by(max)
+        .map(|start| body.slice(start..body.len().min(start + max)))
+        .collect()
 }
 
 /// The chunks of a load: header, snapshot parts, update batches of about `CHUNK_BYTES`.
@@ -147,14 +141,14 @@ pub fn load_chunks(loaded: LoadedDocument) -> Vec<pb::LoadDocumentChunk> {
         part: Some(Part::Header(header)),
     }];
     if let Some(snapshot) = &loaded.snapshot {
-        chunks.extend(split_text(snapshot, CHUNK_BYTES).into_iter().map(|p| {
+        chunks.extend(split_shared(snapshot, CHUNK_BYTES).into_iter().map(|p| {
             pb::LoadDocumentChunk {
                 part: Some(Part::SnapshotPart(p)),
             }
         }));
     }
     chunks.extend(
-        batches(loaded.updates, String::len)
+        batches(loaded.updates, bytes::Bytes::len)
             .into_iter()
             .map(|bodies| pb::LoadDocumentChunk {
                 part: Some(Part::Updates(pb::UpdateBodies { bodies })),

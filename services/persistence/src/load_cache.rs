@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use bytes::Bytes;
 use secsync_protocol::{Clock, DocumentId, SnapshotId};
 
 use crate::backend::StoredUpdate;
@@ -34,15 +35,16 @@ pub enum Accepted<'a> {
     },
 }
 
-/// What a hit returns: the snapshot body (when asked for) and the selected update bodies.
-pub type Hit = (Option<String>, Vec<String>);
+/// What a hit returns: the snapshot body (when asked for) and the selected update bodies, as
+/// shared bytes (a hit copies no body, whatever the document's size).
+pub type Hit = (Option<Bytes>, Vec<Bytes>);
 
 #[derive(Debug)]
 struct Entry {
     head_seq: u64,
     active: SnapshotId,
     /// `None` until a load that included the snapshot read it.
-    snapshot: Option<String>,
+    snapshot: Option<Bytes>,
     updates: Vec<StoredUpdate>,
     bytes: usize,
     used: u64,
@@ -51,7 +53,7 @@ struct Entry {
 impl Entry {
     fn measure(&mut self) {
         self.bytes = ENTRY_OVERHEAD
-            + self.snapshot.as_ref().map_or(0, String::len)
+            + self.snapshot.as_ref().map_or(0, Bytes::len)
             + self.updates.iter().map(update_bytes).sum::<usize>();
     }
 
@@ -135,7 +137,7 @@ impl LoadCache {
         doc: &DocumentId,
         head_seq: u64,
         active: &SnapshotId,
-        snapshot: Option<&str>,
+        snapshot: Option<&Bytes>,
         updates: &[StoredUpdate],
     ) {
         if self.budget == 0 {
@@ -148,7 +150,7 @@ impl LoadCache {
             Some(existing) if existing.head_seq == head_seq && snapshot.is_none() => {
                 existing.snapshot.clone()
             }
-            _ => snapshot.map(str::to_owned),
+            _ => snapshot.cloned(),
         };
         state.tick += 1;
         let mut entry = Entry {
@@ -187,7 +189,7 @@ impl LoadCache {
             match message {
                 Accepted::Snapshot { id, body } => {
                     entry.active = id.clone();
-                    entry.snapshot = Some(body.to_owned());
+                    entry.snapshot = Some(Bytes::copy_from_slice(body.as_bytes()));
                     entry.updates.clear();
                     entry.measure();
                 }
@@ -205,7 +207,7 @@ impl LoadCache {
                     entry.push(StoredUpdate {
                         pub_key: pub_key.to_owned(),
                         clock,
-                        body: body.to_owned(),
+                        body: Bytes::copy_from_slice(body.as_bytes()),
                     });
                 }
             }
@@ -261,7 +263,7 @@ mod tests {
         StoredUpdate {
             pub_key: key.into(),
             clock: Clock::new(clock).unwrap(),
-            body: format!("{key}{clock}"),
+            body: format!("{key}{clock}").into(),
         }
     }
 
@@ -271,15 +273,21 @@ mod tests {
     fn hits_only_at_the_same_head_and_snapshot() {
         let cache = LoadCache::new(1 << 20);
         let (d, s) = (doc("d"), snap("S1"));
-        cache.put(&d, 3, &s, Some("snap"), &[update("a", 0), update("b", 0)]);
+        cache.put(
+            &d,
+            3,
+            &s,
+            Some(&"snap".into()),
+            &[update("a", 0), update("b", 0)],
+        );
         let (snapshot, updates) = cache.get(&d, 3, &s, true, ALL).unwrap();
-        assert_eq!(snapshot.as_deref(), Some("snap"));
+        assert_eq!(snapshot.as_deref(), Some("snap".as_bytes()));
         assert_eq!(updates, ["a0", "b0"]);
         assert!(cache.get(&d, 4, &s, false, ALL).is_none());
         assert!(cache.get(&d, 3, &snap("S2"), false, ALL).is_none());
         assert!(cache.get(&doc("other"), 3, &s, false, ALL).is_none());
         let only_b = cache.get(&d, 3, &s, false, |k, _| k == "b").unwrap();
-        assert_eq!(only_b, (None, vec!["b0".to_owned()]));
+        assert_eq!(only_b, (None, vec![Bytes::from("b0")]));
     }
 
     #[test]
@@ -289,11 +297,11 @@ mod tests {
         cache.put(&d, 1, &s, None, &[]);
         assert!(cache.get(&d, 1, &s, true, ALL).is_none());
         assert!(cache.get(&d, 1, &s, false, ALL).is_some());
-        cache.put(&d, 1, &s, Some("snap"), &[]);
+        cache.put(&d, 1, &s, Some(&"snap".into()), &[]);
         cache.put(&d, 1, &s, None, &[]);
         assert_eq!(
             cache.get(&d, 1, &s, true, ALL).unwrap().0.as_deref(),
-            Some("snap")
+            Some("snap".as_bytes())
         );
     }
 
@@ -301,7 +309,7 @@ mod tests {
     fn commits_advance_a_current_entry_and_drop_a_stale_one() {
         let cache = LoadCache::new(1 << 20);
         let (d, s1, s2) = (doc("d"), snap("S1"), snap("S2"));
-        cache.put(&d, 2, &s1, Some("one"), &[update("a", 0)]);
+        cache.put(&d, 2, &s1, Some(&"one".into()), &[update("a", 0)]);
         let accepted = [
             Accepted::Update {
                 snapshot: &s1,
@@ -324,7 +332,7 @@ mod tests {
         let (snapshot, updates) = cache.get(&d, 5, &s2, true, ALL).unwrap();
         assert_eq!(
             (snapshot.as_deref(), updates),
-            (Some("two"), vec!["b0".to_owned()])
+            (Some("two".as_bytes()), vec![Bytes::from("b0")])
         );
         // Counted as it grew: the same bytes as measuring the entry afresh.
         let counted = cache.lock().entries[&d].bytes;
@@ -358,7 +366,7 @@ mod tests {
         let s = snap("S1");
         let one = ENTRY_OVERHEAD + 1000;
         let cache = LoadCache::new(one * 2 + 10);
-        let body = "x".repeat(1000);
+        let body = Bytes::from("x".repeat(1000));
         for name in ["a", "b"] {
             cache.put(&doc(name), 1, &s, Some(&body), &[]);
         }
@@ -372,7 +380,7 @@ mod tests {
         assert!(cache.get(&doc("c"), 1, &s, true, ALL).is_some());
         assert!(cache.lock().bytes <= one * 2 + 10);
         // Larger than the budget: not kept.
-        cache.put(&doc("huge"), 1, &s, Some(&"x".repeat(10_000)), &[]);
+        cache.put(&doc("huge"), 1, &s, Some(&"x".repeat(10_000).into()), &[]);
         assert!(cache.get(&doc("huge"), 1, &s, true, ALL).is_none());
         let disabled = LoadCache::new(0);
         disabled.put(&doc("a"), 1, &s, None, &[]);

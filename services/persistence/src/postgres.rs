@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use bytes::Bytes;
 use secsync_protocol::{
     ActiveSnapshot, Clock, Clocks, DocumentId, DocumentState, ProofEntry, SnapshotId,
 };
@@ -447,7 +448,7 @@ impl ReadTx for PgRead {
                 Ok(StoredUpdate {
                     pub_key: row.get("pub_key"),
                     clock: clock(row.get("clock"))?,
-                    body: row.get("body"),
+                    body: Bytes::from(row.get::<String, _>("body")),
                 })
             })
             .collect()

@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
+use bytes::Bytes;
 use secsync_protocol::{
     ActiveSnapshot, Clock, Clocks, DocumentId, DocumentState, ProofEntry, SnapshotId,
 };
@@ -625,7 +626,7 @@ impl ReadTx for SqliteRead {
                 Ok(StoredUpdate {
                     pub_key: column(row, "pub_key")?,
                     clock: clock(column(row, "clock")?)?,
-                    body: column(row, "body")?,
+                    body: Bytes::from(column::<String>(row, "body")?),
                 })
             })
             .collect()

@@ -47,15 +47,17 @@ fn load_request(mode: LoadMode, known: Option<&str>, clocks: &[(&Author, u64)]) 
 }
 
 /// The clock of each update body, to compare loads by content.
-fn clocks_of(bodies: &[String]) -> Vec<(String, u64)> {
+fn clocks_of(bodies: &[bytes::Bytes]) -> Vec<(String, u64)> {
     bodies
         .iter()
-        .map(
-            |b| match parse_client_frame(b, ParseOptions::default()).unwrap() {
+        .map(|b| {
+            match parse_client_frame(std::str::from_utf8(b).unwrap(), ParseOptions::default())
+                .unwrap()
+            {
                 ClientFrame::Update(u) => (u.signed.pub_key().as_str().to_owned(), u.clock.get()),
                 _ => panic!("not an update"),
-            },
-        )
+            }
+        })
         .collect()
 }
 
@@ -102,7 +104,7 @@ async fn first_snapshot_updates_and_complete_load<B: Backend>(core: Core<B>) {
     assert_eq!(loaded.sequence, 4);
     assert_eq!(
         loaded.snapshot.as_deref(),
-        Some(parse_body(&s1.body).as_str())
+        Some(parse_body(&s1.body).as_bytes())
     );
     assert_eq!(
         loaded.updates,

@@ -41,15 +41,24 @@ async fn load(client: &mut Client, doc: &str) -> (pb::LoadHeader, String, Vec<St
         .await
         .unwrap()
         .into_inner();
-    let (mut header, mut snapshot, mut updates) = (None, String::new(), Vec::new());
+    let (mut header, mut snapshot, mut updates) = (None, Vec::new(), Vec::new());
     while let Some(chunk) = stream.next().await {
         match chunk.unwrap().part.unwrap() {
             Part::Header(h) => header = Some(h),
-            Part::SnapshotPart(p) => snapshot.push_str(&p),
-            Part::Updates(u) => updates.extend(u.bodies),
+            // Pieces may end inside a character; only the whole body must be UTF-8.
+            Part::SnapshotPart(p) => snapshot.extend_from_slice(&p),
+            Part::Updates(u) => updates.extend(
+                u.bodies
+                    .into_iter()
+                    .map(|b| String::from_utf8(b.to_vec()).unwrap()),
+            ),
         }
     }
-    (header.unwrap(), snapshot, updates)
+    (
+        header.unwrap(),
+        String::from_utf8(snapshot).unwrap(),
+        updates,
+    )
 }
 
 async fn submit(

@@ -4,11 +4,11 @@
 //! the document's state, refused by access control, or not storable — is a [`Reason`]. Together
 //! with the frame's [`Shape`] it forms a [`FrameError`], and [`FrameError::reply`] is the only
 //! place that decides what the client receives (PROTOCOL.md 6 and 7.2): snapshot-shaped frames
-//! get `snapshot-save-failed` (with recovery data when the state asks for it), update-shaped frames
+//! get `snapshot-save-failed` (the gateway adds recovery data when the state asks for it), update-shaped frames
 //! `update-save-failed`, anything else an `invalid-message` with a short fixed reason code. Reason
 //! codes carry no internal detail and are safe as log fields and metric labels.
 
-use crate::wire::{self, Recovery};
+use crate::wire;
 
 /// Why a frame was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -141,14 +141,15 @@ impl FrameError {
         Self { shape, reason }
     }
 
-    /// The reply the client receives. `recovery` is used only for snapshot rejections that
-    /// carry the document's state (outdated, misses updates).
-    pub fn reply(&self, recovery: &Recovery<'_>) -> String {
+    /// The reply the client receives. A snapshot rejection that carries the document's state
+    /// (outdated, misses updates) is built by the gateway from a load instead
+    /// ([`wire::snapshot_save_failed`]).
+    pub fn reply(&self) -> String {
         if self.reason == Reason::Denied {
             return wire::UNAUTHORIZED.to_owned();
         }
         match &self.shape {
-            Shape::Snapshot => wire::snapshot_save_failed(recovery),
+            Shape::Snapshot => wire::SNAPSHOT_SAVE_FAILED.to_owned(),
             Shape::Update { snapshot_id, clock } => {
                 wire::update_save_failed(snapshot_id.as_deref(), clock.as_deref(), false)
             }
@@ -191,7 +192,6 @@ mod tests {
 
     #[test]
     fn replies_follow_the_shape() {
-        let none = Recovery::default();
         let update = FrameError::new(
             Shape::Update {
                 snapshot_id: Some("\"S1\"".into()),
@@ -200,19 +200,19 @@ mod tests {
             Reason::BadShape,
         );
         assert_eq!(
-            update.reply(&none),
+            update.reply(),
             r#"{"type":"update-save-failed","snapshotId":"S1","clock":"1","requiresNewSnapshot":false}"#
         );
         assert_eq!(
-            FrameError::new(Shape::Snapshot, Reason::BadSignature).reply(&none),
+            FrameError::new(Shape::Snapshot, Reason::BadSignature).reply(),
             r#"{"type":"snapshot-save-failed"}"#
         );
         assert_eq!(
-            FrameError::new(Shape::Unknown, Reason::NotJson).reply(&none),
+            FrameError::new(Shape::Unknown, Reason::NotJson).reply(),
             r#"{"type":"invalid-message","reason":"not-json"}"#
         );
         assert_eq!(
-            FrameError::new(Shape::Snapshot, Reason::Denied).reply(&none),
+            FrameError::new(Shape::Snapshot, Reason::Denied).reply(),
             r#"{"type":"unauthorized"}"#
         );
     }

@@ -4,6 +4,8 @@
 //! them, whether it talks to persistence over gRPC or runs the core in-process (the embedded
 //! binary). One definition, so the two sides cannot drift apart.
 
+use bytes::Bytes;
+
 use crate::crypto::ProofEntry;
 use crate::error::Reason;
 use crate::ids::SnapshotId;
@@ -31,10 +33,11 @@ pub struct LoadedDocument {
     pub found: bool,
     pub sequence: u64,
     pub active_snapshot_id: Option<SnapshotId>,
-    /// The active snapshot's stored body, when the load includes it.
-    pub snapshot: Option<String>,
-    /// Update bodies in version order.
-    pub updates: Vec<String>,
+    /// The active snapshot's stored body (UTF-8 JSON, exactly as signed), when the load
+    /// includes it. Shared bytes: a cached document is handed out without copying it.
+    pub snapshot: Option<Bytes>,
+    /// Update bodies in version order, shared bytes like `snapshot`.
+    pub updates: Vec<Bytes>,
     /// `None`: the `document` frame has no `snapshotProofChain` field.
     pub chain: Option<Vec<ProofEntry>>,
 }

@@ -181,12 +181,17 @@ mod tests {
             snapshot_ciphertext_hash: "h".into(),
         };
         let updates = vec![body.to_owned(), body.to_owned()];
+        let shared: Vec<_> = updates
+            .iter()
+            .map(|u| bytes::Bytes::from(u.clone()))
+            .collect();
+        let text = |frame: Vec<u8>| String::from_utf8(frame).unwrap();
         assert_eq!(
-            parse_server_frame(&wire::document(
-                Some(body),
-                &updates,
+            parse_server_frame(&text(wire::document(
+                Some(body.as_bytes()),
+                &shared,
                 Some(std::slice::from_ref(&entry))
-            )),
+            ))),
             Ok(ServerFrame::Document {
                 snapshot: Some(body.into()),
                 updates: updates.clone(),
@@ -194,7 +199,7 @@ mod tests {
             })
         );
         assert_eq!(
-            parse_server_frame(&wire::document::<&str>(None, &[], None)),
+            parse_server_frame(&text(wire::document::<&[u8]>(None, &[], None))),
             Ok(ServerFrame::Document {
                 snapshot: None,
                 updates: vec![],
@@ -210,12 +215,12 @@ mod tests {
             Ok(ServerFrame::SnapshotSaved(id.clone()))
         );
         let recovery = Recovery {
-            snapshot: Some(body),
-            updates: Some(&updates),
+            snapshot: Some(body.as_bytes()),
+            updates: Some(&shared),
             chain: Some(std::slice::from_ref(&entry)),
         };
         assert_eq!(
-            parse_server_frame(&wire::snapshot_save_failed(&recovery)),
+            parse_server_frame(&text(wire::snapshot_save_failed(&recovery))),
             Ok(ServerFrame::SnapshotSaveFailed {
                 snapshot: Some(body.into()),
                 updates: Some(updates.clone()),

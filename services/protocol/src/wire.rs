@@ -4,6 +4,8 @@
 //! with `"type":"update"` added, a document load embeds the bodies of its snapshot and updates.
 //! Only server-made values (snapshot ids, clocks, proof entries) are serialised here.
 
+use bytes::Bytes;
+
 use crate::canonical::write_str;
 use crate::crypto::ProofEntry;
 use crate::error::Reason;
@@ -13,82 +15,97 @@ pub const DOCUMENT_ERROR: &str = r#"{"type":"document-error"}"#;
 pub const UNAUTHORIZED: &str = r#"{"type":"unauthorized"}"#;
 pub const DOCUMENT_NOT_FOUND: &str = r#"{"type":"document-not-found"}"#;
 
+pub const SNAPSHOT_SAVE_FAILED: &str = r#"{"type":"snapshot-save-failed"}"#;
+
 /// What a `snapshot-save-failed` carries so the client can recover without reconnecting.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Recovery<'a> {
     /// Body of the active snapshot (after *outdated*).
-    pub snapshot: Option<&'a str>,
+    pub snapshot: Option<&'a [u8]>,
     /// Bodies of the active snapshot's updates, in version order.
-    pub updates: Option<&'a [String]>,
+    pub updates: Option<&'a [Bytes]>,
     /// Proof chain from the client's snapshot to the active one (after *outdated*).
     pub chain: Option<&'a [ProofEntry]>,
 }
 
-/// The `document` frame answering a load (PROTOCOL.md 6.4).
-pub fn document<S: AsRef<str>>(
-    snapshot: Option<&str>,
-    updates: &[S],
+/// The `document` frame answering a load (PROTOCOL.md 6.4). Bodies are stored UTF-8 JSON, so the
+/// frame is UTF-8; it is built as bytes because they arrive as shared bytes and a document of
+/// 10,000 updates is megabytes that need no second pass.
+pub fn document<B: AsRef<[u8]>>(
+    snapshot: Option<&[u8]>,
+    updates: &[B],
     chain: Option<&[ProofEntry]>,
-) -> String {
-    let size = snapshot.map_or(0, str::len)
-        + updates.iter().map(|u| u.as_ref().len() + 1).sum::<usize>()
-        + chain.map_or(0, |c| c.len() * 200)
-        + 64;
-    let mut out = String::with_capacity(size);
-    out.push_str(r#"{"type":"document""#);
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(state_len(snapshot, Some(updates), chain) + 20);
+    out.extend_from_slice(br#"{"type":"document""#);
     push_state(&mut out, snapshot, Some(updates), chain);
-    out.push('}');
+    out.push(b'}');
     out
 }
 
-/// `snapshot-save-failed`, bare or with recovery data.
-pub fn snapshot_save_failed(recovery: &Recovery<'_>) -> String {
-    let mut out = String::from(r#"{"type":"snapshot-save-failed""#);
-    push_state(
-        &mut out,
-        recovery.snapshot,
-        recovery.updates,
-        recovery.chain,
-    );
-    out.push('}');
+/// `snapshot-save-failed` with recovery data (bytes, for the same reason as [`document`]).
+pub fn snapshot_save_failed(recovery: &Recovery<'_>) -> Vec<u8> {
+    let Recovery {
+        snapshot,
+        updates,
+        chain,
+    } = *recovery;
+    let mut out = Vec::with_capacity(state_len(snapshot, updates, chain) + 32);
+    out.extend_from_slice(br#"{"type":"snapshot-save-failed""#);
+    push_state(&mut out, snapshot, updates, chain);
+    out.push(b'}');
     out
 }
 
-fn push_state<S: AsRef<str>>(
-    out: &mut String,
-    snapshot: Option<&str>,
-    updates: Option<&[S]>,
+/// The bytes [`push_state`] writes, or a little more (proof entries are estimated).
+fn state_len<B: AsRef<[u8]>>(
+    snapshot: Option<&[u8]>,
+    updates: Option<&[B]>,
+    chain: Option<&[ProofEntry]>,
+) -> usize {
+    snapshot.map_or(0, |s| s.len() + 12)
+        + updates.map_or(0, |u| {
+            u.iter().map(|b| b.as_ref().len() + 1).sum::<usize>() + 12
+        })
+        + chain.map_or(0, |c| c.len() * 200 + 24)
+}
+
+fn push_state<B: AsRef<[u8]>>(
+    out: &mut Vec<u8>,
+    snapshot: Option<&[u8]>,
+    updates: Option<&[B]>,
     chain: Option<&[ProofEntry]>,
 ) {
     if let Some(snapshot) = snapshot {
-        out.push_str(r#","snapshot":"#);
-        out.push_str(snapshot);
+        out.extend_from_slice(br#","snapshot":"#);
+        out.extend_from_slice(snapshot);
     }
     if let Some(updates) = updates {
-        out.push_str(r#","updates":["#);
+        out.extend_from_slice(br#","updates":["#);
         for (i, update) in updates.iter().enumerate() {
             if i > 0 {
-                out.push(',');
+                out.push(b',');
             }
-            out.push_str(update.as_ref());
+            out.extend_from_slice(update.as_ref());
         }
-        out.push(']');
+        out.push(b']');
     }
     if let Some(chain) = chain {
-        out.push_str(r#","snapshotProofChain":["#);
+        let mut text = String::from(r#","snapshotProofChain":["#);
         for (i, entry) in chain.iter().enumerate() {
             if i > 0 {
-                out.push(',');
+                text.push(',');
             }
-            out.push_str(r#"{"snapshotId":"#);
-            write_str(entry.snapshot_id.as_str(), out);
-            out.push_str(r#","parentSnapshotProof":"#);
-            write_str(&entry.parent_snapshot_proof, out);
-            out.push_str(r#","snapshotCiphertextHash":"#);
-            write_str(&entry.snapshot_ciphertext_hash, out);
-            out.push('}');
+            text.push_str(r#"{"snapshotId":"#);
+            write_str(entry.snapshot_id.as_str(), &mut text);
+            text.push_str(r#","parentSnapshotProof":"#);
+            write_str(&entry.parent_snapshot_proof, &mut text);
+            text.push_str(r#","snapshotCiphertextHash":"#);
+            write_str(&entry.snapshot_ciphertext_hash, &mut text);
+            text.push('}');
         }
-        out.push(']');
+        text.push(']');
+        out.extend_from_slice(text.as_bytes());
     }
 }
 
@@ -185,11 +202,11 @@ mod tests {
         );
         assert_eq!(
             document::<&str>(None, &[], Some(&[])),
-            r#"{"type":"document","updates":[],"snapshotProofChain":[]}"#
+            br#"{"type":"document","updates":[],"snapshotProofChain":[]}"#
         );
         assert_eq!(
-            document(None, &["{\"a\":1}"], None),
-            r#"{"type":"document","updates":[{"a":1}]}"#
+            document(Some(b"{}"), &["{\"a\":1}"], None),
+            br#"{"type":"document","snapshot":{},"updates":[{"a":1}]}"#
         );
         assert_eq!(
             update_broadcast(r#"{"ciphertext":"x"}"#),
@@ -197,7 +214,7 @@ mod tests {
         );
         assert_eq!(
             snapshot_save_failed(&Recovery::default()),
-            r#"{"type":"snapshot-save-failed"}"#
+            SNAPSHOT_SAVE_FAILED.as_bytes()
         );
     }
 }

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use secsync_protocol::crypto::{self, ProofEntry};
 use secsync_protocol::rules::{compare_update_clocks, is_valid_parent, proof_chain_after};
-use secsync_protocol::wire::{self, Recovery};
+use secsync_protocol::wire;
 use secsync_protocol::{
     b64, canonical, json, parse_client_frame, ClientFrame, DocumentId, DocumentState, ParseOptions,
     Reason, RuleOptions, SnapshotId,
@@ -228,7 +228,7 @@ fn check_message_file(file_name: &str) -> usize {
                     "{file_name} / {name}: refused ({}) but valid",
                     err.reason
                 );
-                let reply = err.reply(&Recovery::default());
+                let reply = err.reply();
                 match expected["server_reply"].as_array().unwrap().first() {
                     // Snapshots and updates: the reference's reply, byte for byte.
                     Some(reference) => assert_eq!(&reply, s(reference), "{file_name} / {name}"),

@@ -2,7 +2,6 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use secsync_protocol::wire::Recovery;
 use secsync_protocol::{parse_client_frame, parse_connect, DocumentId, ParseOptions};
 
 fuzz_target!(|data: &[u8]| {
@@ -21,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
                 let _ = frame.verify();
             }
             Err(error) => {
-                let _ = error.reply(&Recovery::default());
+                let _ = error.reply();
             }
         }
     }
