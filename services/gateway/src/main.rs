@@ -9,6 +9,10 @@ use secsync_gateway::gateway::Gateway;
 use secsync_gateway::grpc_store::{GrpcStore, GrpcStoreOptions};
 use secsync_gateway::nats_bus::{NatsBus, NatsOptions};
 
+// See the workspace Cargo.toml: freed large buffers are reused instead of faulted in again.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();

@@ -6,6 +6,10 @@ use secsync_persistence::grpc::{serve_with, ServeOptions};
 use secsync_persistence::postgres::{PgBackend, PgSettings};
 use secsync_persistence::CoreOptions;
 
+// See the workspace Cargo.toml: freed large buffers are reused instead of faulted in again.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();

@@ -3,6 +3,10 @@
 use clap::Parser as _;
 use secsync::config::Config;
 
+// See the workspace Cargo.toml: freed large buffers are reused instead of faulted in again.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
