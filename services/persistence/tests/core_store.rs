@@ -736,3 +736,19 @@ async fn sqlite_with_four_workers_snapshot_races_have_one_winner() {
     })
     .await;
 }
+
+/// Every connection of the pool plans each execution afresh (see `PgBackend::connect_lazy`):
+/// a generic plan fixed while the tables were empty would keep scanning them whole.
+#[tokio::test]
+async fn postgres_connections_never_keep_a_generic_plan() {
+    common::with_pg_backend(|backend| async move {
+        for _ in 0..3 {
+            let mode: String = sqlx::query_scalar("SHOW plan_cache_mode")
+                .fetch_one(backend.pool())
+                .await
+                .unwrap();
+            assert_eq!(mode, "force_custom_plan");
+        }
+    })
+    .await;
+}
