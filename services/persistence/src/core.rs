@@ -38,9 +38,13 @@ pub struct CoreOptions {
     pub rules: RuleOptions,
     /// Most messages committed in one transaction.
     pub max_batch: usize,
-    /// Transactions in flight at once.
+    /// Transactions in flight at once. Each worker has its own queue and its own share of the
+    /// documents (by a hash of the id), so two batches of one process never wait on each
+    /// other's document locks, and the cached rule state a worker committed is the state its
+    /// next batch of that document starts from.
     pub workers: usize,
-    /// Submissions waiting for a worker before callers are made to wait.
+    /// Submissions waiting for the workers (split evenly between their queues) before callers
+    /// are made to wait.
     pub queue_capacity: usize,
     /// Documents whose rule state is kept between batches.
     pub state_cache_capacity: usize,
@@ -108,20 +112,30 @@ struct Job {
     span: tracing::Span,
 }
 
-/// The persistence core. Cheap to clone; all clones share the queue and workers.
+/// The persistence core. Cheap to clone; all clones share the queues and workers.
 #[derive(Debug)]
 pub struct Core<B: Backend> {
     inner: Arc<Inner<B>>,
-    queue: mpsc::Sender<Job>,
+    /// One per worker; a document's submissions always go to the same one ([`shard`]).
+    queues: Arc<[mpsc::Sender<Job>]>,
 }
 
 impl<B: Backend> Clone for Core<B> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
-            queue: self.queue.clone(),
+            queues: self.queues.clone(),
         }
     }
+}
+
+/// The worker of `doc` among `workers`: stable for the life of the process.
+fn shard(doc: &DocumentId, workers: usize) -> usize {
+    use std::hash::{Hash as _, Hasher as _};
+    // DefaultHasher::new() has fixed keys: the same id always lands on the same worker.
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    doc.hash(&mut hasher);
+    usize::try_from(hasher.finish() % workers.max(1) as u64).unwrap_or(0)
 }
 
 #[derive(Debug)]
@@ -137,7 +151,8 @@ struct Inner<B> {
 impl<B: Backend> Core<B> {
     /// Starts the workers on the current tokio runtime.
     pub fn start(backend: B, options: CoreOptions) -> Self {
-        let (queue, receiver) = mpsc::channel(options.queue_capacity.max(1));
+        let workers = options.workers.max(1);
+        let per_queue = options.queue_capacity.div_ceil(workers).max(1);
         let inner = Arc::new(Inner {
             backend,
             options,
@@ -145,13 +160,15 @@ impl<B: Backend> Core<B> {
             loads: LoadCache::new(options.load_cache_bytes),
             metrics: Metrics::new(),
         });
-        let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
-        for _ in 0..options.workers.max(1) {
-            let inner = inner.clone();
-            let receiver = receiver.clone();
-            tokio::spawn(async move { inner.work(&receiver).await });
-        }
-        Self { inner, queue }
+        let queues = (0..workers)
+            .map(|_| {
+                let (queue, receiver) = mpsc::channel(per_queue);
+                let inner = inner.clone();
+                tokio::spawn(async move { inner.work(receiver).await });
+                queue
+            })
+            .collect();
+        Self { inner, queues }
     }
 
     pub fn backend(&self) -> &B {
@@ -197,7 +214,7 @@ impl<B: Backend> Core<B> {
             reply,
             span: tracing::Span::current(),
         };
-        self.queue
+        self.queues[shard(&job.work.doc, self.queues.len())]
             .send(job)
             .await
             .map_err(|_| CoreError::Internal("persistence core stopped".into()))?;
@@ -314,20 +331,16 @@ impl<B: Backend> Core<B> {
 }
 
 impl<B: Backend> Inner<B> {
-    async fn work(&self, receiver: &tokio::sync::Mutex<mpsc::Receiver<Job>>) {
+    async fn work(&self, mut receiver: mpsc::Receiver<Job>) {
         loop {
-            let mut jobs = Vec::new();
-            {
-                let mut receiver = receiver.lock().await;
-                let Some(first) = receiver.recv().await else {
-                    return;
-                };
-                jobs.push(first);
-                while jobs.len() < self.options.max_batch {
-                    match receiver.try_recv() {
-                        Ok(job) => jobs.push(job),
-                        Err(_) => break,
-                    }
+            let Some(first) = receiver.recv().await else {
+                return;
+            };
+            let mut jobs = vec![first];
+            while jobs.len() < self.options.max_batch {
+                match receiver.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
                 }
             }
             self.run(jobs).await;
@@ -654,7 +667,7 @@ impl<B: Backend> Inner<B> {
             states.clear();
         }
         for (doc, head, state) in new_states {
-            // Two workers can finish in either order: never replace a newer state.
+            // One worker owns a document, so batches of it finish in order; kept as a guard.
             match states.get(doc) {
                 Some((seq, _)) if *seq > head.head_seq => {}
                 _ => {
@@ -662,5 +675,28 @@ impl<B: Backend> Inner<B> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_document_always_goes_to_the_same_worker_and_documents_spread() {
+        let docs: Vec<DocumentId> = (0..64)
+            .map(|i| DocumentId::parse(&format!("doc-{i}")).unwrap())
+            .collect();
+        let mut used = [0usize; 3];
+        for doc in &docs {
+            let worker = shard(doc, 3);
+            assert_eq!(worker, shard(&doc.clone(), 3));
+            used[worker] += 1;
+        }
+        assert!(used.iter().all(|&n| n > 8), "{used:?}");
+        assert!(docs.iter().all(|d| shard(d, 1) == 0));
+        assert!(docs.iter().all(|d| shard(d, 0) == 0));
     }
 }
