@@ -100,7 +100,7 @@ pub struct CoreArgs {
     pub batch_max: usize,
 
     /// Transactions in flight at once (default: 2 on Postgres, 1 on SQLite, which has one
-    /// writer).
+    /// writer). Each worker commits its own share of the documents.
     #[arg(long, env = "SECSYNC_BATCH_WORKERS")]
     pub batch_workers: Option<usize>,
 
