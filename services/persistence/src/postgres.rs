@@ -6,6 +6,8 @@
 //! database. Commits are durable (`synchronous_commit` is never lowered). Migrations live in
 //! `migrations/postgres` and run on start.
 
+pub mod sql;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -51,13 +53,15 @@ impl PgBackend {
         let options: PgConnectOptions = url
             .parse()
             .map_err(|e: sqlx::Error| BackendError::Other(format!("bad database url: {e}")))?;
-        // Plan every execution with its parameters and the tables as they are now. A prepared
-        // statement's generic plan is chosen after five runs and then kept for the life of
-        // the connection: chosen on a young, never-analysed database it scans `updates`
-        // sequentially (the request-id lookup of every batch read the whole table, ~400 scans
-        // of 35,000 rows in a 10 s benchmark), and nothing replaces it until an ANALYZE, which
-        // depends on autovacuum being on. Planning these small statements costs microseconds.
-        let options = options.options([("plan_cache_mode", "force_custom_plan")]);
+        // Every statement here reads by key through an index (see `sql`), so the planner is
+        // told never to prefer reading a table whole. Without it, a prepared statement's
+        // generic plan (chosen after five runs, then kept for the connection's life) picked
+        // while a young database's tables were empty and never analysed scans `updates`
+        // sequentially: the request-id lookup of every batch read the whole table, ~400 scans
+        // of 35,000 rows in a 10 s benchmark, until an ANALYZE that depends on autovacuum.
+        // Generic plans are kept: planning each execution afresh cost PostgreSQL about a
+        // fifth of its CPU per update.
+        let options = options.options([("enable_seqscan", "off")]);
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)
             .acquire_timeout(settings.acquire_timeout)
@@ -78,7 +82,7 @@ impl PgBackend {
 
     /// Whether the database answers now.
     pub async fn ping(&self) -> bool {
-        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+        sqlx::query(sql::READY).execute(&self.pool).await.is_ok()
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -140,14 +144,11 @@ impl Backend for PgBackend {
     async fn ensure_documents(&self, ids: &[&DocumentId]) -> Result<(), BackendError> {
         let mut sorted: Vec<&str> = ids.iter().map(|d| d.as_str()).collect();
         sorted.sort_unstable();
-        sqlx::query(
-            "INSERT INTO documents (id) SELECT * FROM UNNEST($1::text[]) ORDER BY 1 \
-             ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(&sorted)
-        .execute(&self.pool)
-        .await
-        .map_err(map_error)?;
+        sqlx::query(sql::ENSURE_DOCUMENTS)
+            .bind(&sorted)
+            .execute(&self.pool)
+            .await
+            .map_err(map_error)?;
         Ok(())
     }
 
@@ -157,7 +158,7 @@ impl Backend for PgBackend {
 
     async fn begin_read(&self) -> Result<PgRead, BackendError> {
         let mut tx = self.pool.begin().await.map_err(map_error)?;
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        sqlx::query(sql::SET_READ_ONLY)
             .execute(&mut *tx)
             .await
             .map_err(map_error)?;
@@ -170,18 +171,13 @@ impl Backend for PgBackend {
         after_seq: u64,
         limit: u32,
     ) -> Result<Vec<StoredEvent>, BackendError> {
-        let rows = sqlx::query(
-            "SELECT seq, true AS is_snapshot, body FROM snapshots WHERE document_id = $1 AND seq > $2 \
-             UNION ALL \
-             SELECT seq, false, body FROM updates WHERE document_id = $1 AND seq > $2 \
-             ORDER BY seq LIMIT $3",
-        )
-        .bind(doc.as_str())
-        .bind(to_i64(after_seq))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map_error)?;
+        let rows = sqlx::query(sql::EVENTS_AFTER)
+            .bind(doc.as_str())
+            .bind(to_i64(after_seq))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_error)?;
         Ok(rows
             .into_iter()
             .map(|row| StoredEvent {
@@ -198,7 +194,7 @@ impl Backend for PgBackend {
 
     async fn heads(&self, ids: &[DocumentId]) -> Result<HashMap<DocumentId, u64>, BackendError> {
         let names: Vec<&str> = ids.iter().map(DocumentId::as_str).collect();
-        let rows = sqlx::query("SELECT id, head_seq FROM documents WHERE id = ANY($1)")
+        let rows = sqlx::query(sql::HEADS)
             .bind(&names)
             .fetch_all(&self.pool)
             .await
@@ -216,14 +212,11 @@ impl Backend for PgBackend {
 
 impl WriteTx for PgWrite {
     async fn find_requests(&mut self, ids: &[&str]) -> Result<HashMap<String, u64>, BackendError> {
-        let rows = sqlx::query(
-            "SELECT request_id, seq FROM snapshots WHERE request_id = ANY($1) \
-             UNION ALL SELECT request_id, seq FROM updates WHERE request_id = ANY($1)",
-        )
-        .bind(ids)
-        .fetch_all(&mut *self.0)
-        .await
-        .map_err(map_error)?;
+        let rows = sqlx::query(sql::FIND_REQUESTS)
+            .bind(ids)
+            .fetch_all(&mut *self.0)
+            .await
+            .map_err(map_error)?;
         Ok(rows
             .into_iter()
             .map(|row| (row.get("request_id"), to_u64(row.get("seq"))))
@@ -236,14 +229,11 @@ impl WriteTx for PgWrite {
     ) -> Result<HashMap<DocumentId, DocumentHead>, BackendError> {
         let names: Vec<&str> = sorted_ids.iter().map(|d| d.as_str()).collect();
         // ORDER BY before the lock: rows are locked in sorted order, so batches never deadlock.
-        let rows = sqlx::query(
-            "SELECT id, head_seq, active_snapshot_id FROM documents WHERE id = ANY($1) \
-             ORDER BY id FOR UPDATE",
-        )
-        .bind(&names)
-        .fetch_all(&mut *self.0)
-        .await
-        .map_err(map_error)?;
+        let rows = sqlx::query(sql::LOCK_DOCUMENTS)
+            .bind(&names)
+            .fetch_all(&mut *self.0)
+            .await
+            .map_err(map_error)?;
         let mut heads = HashMap::with_capacity(rows.len());
         for row in rows {
             let id: String = row.get("id");
@@ -269,24 +259,18 @@ impl WriteTx for PgWrite {
         let Some(active) = &head.active_snapshot_id else {
             return Ok(DocumentState::default());
         };
-        let snapshot = sqlx::query(
-            "SELECT ciphertext_hash, parent_snapshot_proof FROM snapshots \
-             WHERE document_id = $1 AND id = $2",
-        )
-        .bind(doc.as_str())
-        .bind(active.as_str())
-        .fetch_one(&mut *self.0)
-        .await
-        .map_err(map_error)?;
-        let rows = sqlx::query(
-            "SELECT pub_key, max(clock) AS clock, count(*) AS n FROM updates \
-             WHERE document_id = $1 AND snapshot_id = $2 GROUP BY pub_key",
-        )
-        .bind(doc.as_str())
-        .bind(active.as_str())
-        .fetch_all(&mut *self.0)
-        .await
-        .map_err(map_error)?;
+        let snapshot = sqlx::query(sql::ACTIVE_SNAPSHOT)
+            .bind(doc.as_str())
+            .bind(active.as_str())
+            .fetch_one(&mut *self.0)
+            .await
+            .map_err(map_error)?;
+        let rows = sqlx::query(sql::CLOCKS)
+            .bind(doc.as_str())
+            .bind(active.as_str())
+            .fetch_all(&mut *self.0)
+            .await
+            .map_err(map_error)?;
         let mut clocks = Clocks::new();
         let mut update_count = 0;
         for row in rows {
@@ -309,7 +293,7 @@ impl WriteTx for PgWrite {
         doc: &DocumentId,
         id: &SnapshotId,
     ) -> Result<bool, BackendError> {
-        let row = sqlx::query("SELECT 1 AS one FROM snapshots WHERE document_id = $1 AND id = $2")
+        let row = sqlx::query(sql::SNAPSHOT_EXISTS)
             .bind(doc.as_str())
             .bind(id.as_str())
             .fetch_optional(&mut *self.0)
@@ -319,21 +303,18 @@ impl WriteTx for PgWrite {
     }
 
     async fn insert_snapshot(&mut self, row: SnapshotRow<'_>) -> Result<(), BackendError> {
-        sqlx::query(
-            "INSERT INTO snapshots (document_id, id, seq, parent_id, ciphertext_hash, \
-             parent_snapshot_proof, body, request_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(row.document_id.as_str())
-        .bind(row.id.as_str())
-        .bind(to_i64(row.seq))
-        .bind(row.parent_id.map(SnapshotId::as_str))
-        .bind(row.ciphertext_hash)
-        .bind(row.parent_snapshot_proof)
-        .bind(row.body)
-        .bind(row.request_id)
-        .execute(&mut *self.0)
-        .await
-        .map_err(map_error)?;
+        sqlx::query(sql::INSERT_SNAPSHOT)
+            .bind(row.document_id.as_str())
+            .bind(row.id.as_str())
+            .bind(to_i64(row.seq))
+            .bind(row.parent_id.map(SnapshotId::as_str))
+            .bind(row.ciphertext_hash)
+            .bind(row.parent_snapshot_proof)
+            .bind(row.body)
+            .bind(row.request_id)
+            .execute(&mut *self.0)
+            .await
+            .map_err(map_error)?;
         Ok(())
     }
 
@@ -356,23 +337,19 @@ impl WriteTx for PgWrite {
             bodies.push(row.body);
             requests.push(row.request_id);
         }
-        // One statement for the whole batch; the gap-refusing foreign keys are checked at its end.
-        sqlx::query(
-            "INSERT INTO updates (document_id, snapshot_id, seq, version, pub_key, clock, body, request_id) \
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[], \
-             $6::int8[], $7::text[], $8::text[])",
-        )
-        .bind(&docs)
-        .bind(&snapshots)
-        .bind(&seqs)
-        .bind(&versions)
-        .bind(&keys)
-        .bind(&clocks)
-        .bind(&bodies)
-        .bind(&requests)
-        .execute(&mut *self.0)
-        .await
-        .map_err(map_error)?;
+        // One statement for the whole batch.
+        sqlx::query(sql::INSERT_UPDATES)
+            .bind(&docs)
+            .bind(&snapshots)
+            .bind(&seqs)
+            .bind(&versions)
+            .bind(&keys)
+            .bind(&clocks)
+            .bind(&bodies)
+            .bind(&requests)
+            .execute(&mut *self.0)
+            .await
+            .map_err(map_error)?;
         Ok(())
     }
 
@@ -386,17 +363,13 @@ impl WriteTx for PgWrite {
             .iter()
             .map(|(_, h)| h.active_snapshot_id.as_ref().map(SnapshotId::as_str))
             .collect();
-        sqlx::query(
-            "UPDATE documents SET head_seq = v.seq, active_snapshot_id = v.active \
-             FROM UNNEST($1::text[], $2::int8[], $3::text[]) AS v(id, seq, active) \
-             WHERE documents.id = v.id",
-        )
-        .bind(&ids)
-        .bind(&seqs)
-        .bind(&active)
-        .execute(&mut *self.0)
-        .await
-        .map_err(map_error)?;
+        sqlx::query(sql::SET_HEADS)
+            .bind(&ids)
+            .bind(&seqs)
+            .bind(&active)
+            .execute(&mut *self.0)
+            .await
+            .map_err(map_error)?;
         Ok(())
     }
 
@@ -407,7 +380,7 @@ impl WriteTx for PgWrite {
 
 impl ReadTx for PgRead {
     async fn document(&mut self, doc: &DocumentId) -> Result<Option<DocumentHead>, BackendError> {
-        let row = sqlx::query("SELECT head_seq, active_snapshot_id FROM documents WHERE id = $1")
+        let row = sqlx::query(sql::DOCUMENT)
             .bind(doc.as_str())
             .fetch_optional(&mut *self.0)
             .await
@@ -427,7 +400,7 @@ impl ReadTx for PgRead {
         doc: &DocumentId,
         id: &SnapshotId,
     ) -> Result<Option<String>, BackendError> {
-        let row = sqlx::query("SELECT body FROM snapshots WHERE document_id = $1 AND id = $2")
+        let row = sqlx::query(sql::SNAPSHOT_BODY)
             .bind(doc.as_str())
             .bind(id.as_str())
             .fetch_optional(&mut *self.0)
@@ -441,15 +414,12 @@ impl ReadTx for PgRead {
         doc: &DocumentId,
         snapshot: &SnapshotId,
     ) -> Result<Vec<StoredUpdate>, BackendError> {
-        let rows = sqlx::query(
-            "SELECT pub_key, clock, body FROM updates WHERE document_id = $1 AND snapshot_id = $2 \
-             ORDER BY version",
-        )
-        .bind(doc.as_str())
-        .bind(snapshot.as_str())
-        .fetch_all(&mut *self.0)
-        .await
-        .map_err(map_error)?;
+        let rows = sqlx::query(sql::UPDATES)
+            .bind(doc.as_str())
+            .bind(snapshot.as_str())
+            .fetch_all(&mut *self.0)
+            .await
+            .map_err(map_error)?;
         rows.into_iter()
             .map(|row| {
                 Ok(StoredUpdate {
@@ -462,14 +432,11 @@ impl ReadTx for PgRead {
     }
 
     async fn proof_entries(&mut self, doc: &DocumentId) -> Result<Vec<ProofEntry>, BackendError> {
-        let rows = sqlx::query(
-            "SELECT id, parent_snapshot_proof, ciphertext_hash FROM snapshots \
-             WHERE document_id = $1 ORDER BY seq",
-        )
-        .bind(doc.as_str())
-        .fetch_all(&mut *self.0)
-        .await
-        .map_err(map_error)?;
+        let rows = sqlx::query(sql::PROOF_ENTRIES)
+            .bind(doc.as_str())
+            .fetch_all(&mut *self.0)
+            .await
+            .map_err(map_error)?;
         rows.into_iter()
             .map(|row| {
                 Ok(ProofEntry {
