@@ -443,20 +443,6 @@ impl<B: Backend> Inner<B> {
             self.backend.ensure_documents(&missing).await?;
             return Box::pin(self.commit_batch(works)).await;
         }
-        // Request ids are looked up only under the documents' locks: a first attempt of the same
-        // request committing on another replica has then either committed (and is found) or
-        // not started, never in between (a retry would otherwise be checked against the state
-        // the first attempt made and refused for its clock).
-        let request_ids: Vec<&str> = works
-            .iter()
-            .filter_map(|w| w.request_id.as_deref())
-            .collect();
-        let known = if request_ids.is_empty() {
-            HashMap::new()
-        } else {
-            tx.find_requests(&request_ids).await?
-        };
-
         let mut batch = BatchState {
             outcomes: vec![None; works.len()],
             accepted_requests: HashMap::new(),
@@ -466,17 +452,41 @@ impl<B: Backend> Inner<B> {
         for doc in docs {
             let head = &heads[doc];
             if let Some(state) = self
-                .apply_to_document(&mut tx, doc, head, works, &known, &mut batch)
+                .apply_to_document(&mut tx, doc, head, works, &mut batch)
                 .await?
             {
                 new_states.push(state);
             }
         }
         let BatchState {
-            outcomes,
+            mut outcomes,
             update_rows,
             ..
         } = batch;
+        // A retry of a request that was committed before always breaks the rules now (its
+        // clock, version or snapshot is taken), so only refused messages are looked up by
+        // request id: a batch of new messages skips the lookup. It runs under the documents'
+        // locks, so a first attempt committing on another replica has either committed (and is
+        // found) or not started, never in between; and a refused message changed no state, so
+        // turning its refusal into the earlier acceptance afterwards changes nothing else.
+        let refused: Vec<(usize, &str)> = works
+            .iter()
+            .zip(&outcomes)
+            .enumerate()
+            .filter_map(|(i, (work, outcome))| match outcome {
+                Some(Outcome::Rejected { .. }) => Some((i, work.request_id.as_deref()?)),
+                _ => None,
+            })
+            .collect();
+        if !refused.is_empty() {
+            let ids: Vec<&str> = refused.iter().map(|(_, id)| *id).collect();
+            let known = tx.find_requests(&ids).await?;
+            for (i, id) in refused {
+                if let Some(&sequence) = known.get(id) {
+                    outcomes[i] = Some(Outcome::Accepted { sequence });
+                }
+            }
+        }
         if !update_rows.is_empty() {
             tx.insert_updates(&update_rows).await?;
         }
@@ -509,7 +519,6 @@ impl<B: Backend> Inner<B> {
         doc: &'w DocumentId,
         head: &DocumentHead,
         works: &'w [Work],
-        known: &HashMap<String, u64>,
         batch: &mut BatchState<'w>,
     ) -> Result<Option<(&'w DocumentId, DocumentHead, DocumentState)>, BackendError> {
         let mut state = match self.cached_state(doc, head.head_seq) {
@@ -518,12 +527,9 @@ impl<B: Backend> Inner<B> {
         };
         let mut seq = head.head_seq;
         for (i, work) in works.iter().enumerate().filter(|(_, w)| &w.doc == doc) {
+            // The same request twice in one batch (a retry overtaking its first attempt).
             if let Some(id) = work.request_id.as_deref() {
-                let earlier = known
-                    .get(id)
-                    .map(|&sequence| Outcome::Accepted { sequence })
-                    .or_else(|| batch.accepted_requests.get(id).copied());
-                if let Some(outcome) = earlier {
+                if let Some(&outcome) = batch.accepted_requests.get(id) {
                     batch.outcomes[i] = Some(outcome);
                     continue;
                 }
