@@ -23,7 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use secsync_protocol::wire::{self, Recovery};
 use secsync_protocol::{
-    parse_client_frame, ClientFrame, ConnectError, ConnectRequest, FrameError, LoadMode,
+    parse_client_frame, ClientFrame, ConnectError, ConnectRequest, FrameError, KeyCache, LoadMode,
     LoadRequest, Reason, Shape, SnapshotId, SnapshotMessage,
 };
 use tokio::time::{Instant, Sleep};
@@ -196,6 +196,8 @@ struct Session {
     /// The snapshot the client holds as active: the last one it was sent or had accepted.
     client_snapshot: Option<SnapshotId>,
     frames: u64,
+    /// The client's signing key, decoded once.
+    keys: KeyCache,
     tokens: f64,
     refilled: Instant,
 }
@@ -341,6 +343,7 @@ async fn open(
         own: BTreeSet::new(),
         client_snapshot: loaded.active_snapshot_id,
         frames: 0,
+        keys: KeyCache::default(),
         tokens: f64::from(gateway.limits.rate_burst),
         refilled: Instant::now(),
     });
@@ -539,7 +542,7 @@ impl Session {
         });
         if let Err(error) = frame
             .check_document(self.membership.doc())
-            .and_then(|()| frame.verify())
+            .and_then(|()| frame.verify_with(&mut self.keys))
         {
             return self.refuse(&error);
         }

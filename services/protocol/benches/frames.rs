@@ -7,7 +7,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ed25519_dalek::SigningKey;
 use secsync_protocol::message::build_frame;
-use secsync_protocol::{b64, parse_client_frame, Domain, ParseOptions, PublicKey};
+use secsync_protocol::{b64, parse_client_frame, Domain, KeyCache, ParseOptions, PublicKey};
 
 fn frames() -> Vec<(&'static str, String)> {
     let key = SigningKey::from_bytes(&[5; 32]);
@@ -40,6 +40,18 @@ fn parse_and_verify(c: &mut Criterion) {
                 frame.verify().unwrap();
             });
         });
+        // As a gateway does: the connection's key decoded once.
+        let mut keys = KeyCache::default();
+        group.bench_with_input(
+            BenchmarkId::new("parse+verify-kept-key", name),
+            &text,
+            |b, text| {
+                b.iter(|| {
+                    let frame = parse_client_frame(text, ParseOptions::default()).unwrap();
+                    frame.verify_with(&mut keys).unwrap();
+                });
+            },
+        );
     }
     group.finish();
 }

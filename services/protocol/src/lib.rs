@@ -30,7 +30,7 @@ pub mod server_frame;
 pub mod wire;
 
 pub use connect::{parse_connect, ConnectError, ConnectRequest, SessionKey};
-pub use crypto::{Domain, ProofEntry};
+pub use crypto::{Domain, KeyCache, ProofEntry};
 pub use error::{FrameError, Reason, Shape};
 pub use ids::{Clock, DocumentId, PublicKey, SignatureBytes, SnapshotId};
 pub use message::{

@@ -18,7 +18,7 @@ use std::ops::Range;
 
 use crate::b64;
 use crate::canonical::to_canonical;
-use crate::crypto::{self, Domain};
+use crate::crypto::{self, Domain, KeyCache};
 use crate::error::{FrameError, Reason, Shape};
 use crate::ids::{Clock, DocumentId, IdError, PublicKey, SignatureBytes, SnapshotId};
 use crate::json::{self, JsonError, Kind, Value};
@@ -111,8 +111,8 @@ impl Signed {
         crypto::signature_input(domain, &self.ciphertext(), &self.nonce(), &self.pd_b64)
     }
 
-    fn verify(&self, domain: Domain) -> bool {
-        crypto::verify(
+    fn verify(&self, domain: Domain, keys: &mut KeyCache) -> bool {
+        keys.verify(
             &self.pub_key,
             &self.signature,
             self.signature_input(domain).as_bytes(),
@@ -196,7 +196,12 @@ impl ClientFrame {
 
     /// Checks the Ed25519 signature with libsodium's strictness.
     pub fn verify(&self) -> Result<(), FrameError> {
-        if self.signed().verify(self.domain()) {
+        self.verify_with(&mut KeyCache::default())
+    }
+
+    /// [`Self::verify`], with the connection's last checked public key at hand.
+    pub fn verify_with(&self, keys: &mut KeyCache) -> Result<(), FrameError> {
+        if self.signed().verify(self.domain(), keys) {
             Ok(())
         } else {
             Err(self.error(Reason::BadSignature))
