@@ -7,6 +7,10 @@
 //! dropped: local delivery and writes go on, and the hub repairs remote gaps from persistence
 //! once NATS is back (it is told through [`Bus::resyncs`]). A committed message's trace context
 //! and acknowledgement time travel in message headers.
+//!
+//! NATS does not send a gateway its own messages back (`no_echo`): the hub has delivered them to
+//! its local sessions already, so the echo only cost NATS and the gateway work per update.
+//! Revocations published here reach this gateway's subscription through a local channel.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -132,11 +136,14 @@ impl NatsAuth {
     }
 }
 
+/// One per gateway process: with `no_echo`, two hubs sharing one would not hear each other.
 #[derive(Debug)]
 pub struct NatsBus {
     client: async_nats::Client,
     resync: tokio::sync::watch::Sender<u64>,
     connected: Arc<AtomicBool>,
+    /// Revocations published by this gateway, for its own subscription.
+    revoked_here: tokio::sync::broadcast::Sender<Revocation>,
 }
 
 impl NatsBus {
@@ -148,6 +155,7 @@ impl NatsBus {
         let mut connect = async_nats::ConnectOptions::new()
             .retry_on_initial_connect()
             .max_reconnects(None)
+            .no_echo()
             .event_callback(move |event| {
                 let (resync, connected) = (events_resync.clone(), events_connected.clone());
                 async move {
@@ -183,6 +191,7 @@ impl NatsBus {
             client,
             resync,
             connected,
+            revoked_here: tokio::sync::broadcast::channel(1024).0,
         })
     }
 }
@@ -236,7 +245,10 @@ impl Bus for NatsBus {
         self.client
             .flush()
             .await
-            .map_err(|e| BusError(e.to_string()))
+            .map_err(|e| BusError(e.to_string()))?;
+        // No subscriber yet (the gateway is starting) is no one to tell.
+        let _ = self.revoked_here.send(revocation.clone());
+        Ok(())
     }
 
     async fn subscribe_revocations(&self) -> Result<RevocationStream, BusError> {
@@ -245,12 +257,26 @@ impl Bus for NatsBus {
             .subscribe(REVOCATIONS)
             .await
             .map_err(|e| BusError(e.to_string()))?;
-        Ok(Box::pin(subscriber.filter_map(|message| async move {
+        let remote = subscriber.filter_map(|message| async move {
             let revocation = Revocation::decode(&message.payload);
             if revocation.is_none() {
                 tracing::warn!("unreadable revocation on the bus ignored");
             }
             revocation
-        })))
+        });
+        let here = futures::stream::unfold(self.revoked_here.subscribe(), |mut receiver| async {
+            loop {
+                match receiver.recv().await {
+                    Ok(revocation) => return Some((revocation, receiver)),
+                    // Over 1,024 revocations at once from this gateway's admin endpoint: the
+                    // skipped ones are gone, as a slow NATS subscriber's would be.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(skipped)) => {
+                        tracing::warn!(skipped, "local revocations skipped");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        });
+        Ok(Box::pin(futures::stream::select(remote, here)))
     }
 }
