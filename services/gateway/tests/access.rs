@@ -16,7 +16,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{doc_id, http_post, nats_url, Gateway, Persistence, Signer, Ws, WAIT};
+use common::{
+    doc_id, http_post, nats_url, one_gateway, two_gateways, Gateway, Persistence, Signer, Ws, WAIT,
+};
 use ed25519_dalek::pkcs8::{EncodePrivateKey as _, EncodePublicKey as _};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use secsync_protocol::ServerFrame;
@@ -129,25 +131,9 @@ async fn first_snapshot_reaches(writer: &mut Ws, reader: &mut Ws, doc: &str) {
     ));
 }
 
-/// Two ready gateways with these flags.
-async fn two_gateways(persistence: &Persistence, args: &[&str]) -> (Gateway, Gateway) {
-    let a = Gateway::start(&persistence.url, &nats_url(), args);
-    let b = Gateway::start(&persistence.url, &nats_url(), args);
-    a.ready().await;
-    b.ready().await;
-    (a, b)
-}
-
 /// Persistence and one ready gateway in jwt mode with this key file.
 async fn jwt_gateway(keys: &Path) -> (Persistence, Gateway) {
-    let persistence = Persistence::start().await;
-    let gateway = Gateway::start(
-        &persistence.url,
-        &nats_url(),
-        &["--auth", "jwt", "--jwt-key-file", path(keys)],
-    );
-    gateway.ready().await;
-    (persistence, gateway)
+    one_gateway(&["--auth", "jwt", "--jwt-key-file", path(keys)]).await
 }
 
 fn admin_args(dir: &TempDir) -> String {
@@ -477,18 +463,13 @@ async fn the_callback_decides_with_cache_timeout_and_fail_closed() {
 async fn origins_and_per_address_limits_are_refused_at_the_upgrade() {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
     use tokio_tungstenite::tungstenite::Error;
-    let persistence = Persistence::start().await;
-    let gateway = Gateway::start(
-        &persistence.url,
-        &nats_url(),
-        &[
-            "--allowed-origins",
-            "https://app.example.com,https://other.example.com",
-            "--max-connections-per-ip",
-            "2",
-        ],
-    );
-    gateway.ready().await;
+    let (_persistence, gateway) = one_gateway(&[
+        "--allowed-origins",
+        "https://app.example.com,https://other.example.com",
+        "--max-connections-per-ip",
+        "2",
+    ])
+    .await;
     // Without --admin-token-file there is no admin endpoint.
     assert_eq!(
         http_post(gateway.port, "/admin/revoke", &[], r#"{"sessionId":"x"}"#).await,

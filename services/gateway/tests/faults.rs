@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{doc_id, http_status, nats_url, Gateway, Persistence, Signer, Ws, WAIT};
+use common::{doc_id, http_status, one_gateway, Gateway, Signer, Ws, WAIT};
 use secsync_protocol::ServerFrame;
 
 async fn readiness_becomes(gateway: &Gateway, status: u16) {
@@ -26,13 +26,7 @@ async fn readiness_becomes(gateway: &Gateway, status: u16) {
 /// is held and retried, and everything recovers without restarting the gateway.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persistence_outage_is_survived() {
-    let mut persistence = Persistence::start().await;
-    let gateway = Gateway::start(
-        &persistence.url,
-        &nats_url(),
-        &["--write-retry-seconds", "60"],
-    );
-    gateway.ready().await;
+    let (mut persistence, gateway) = one_gateway(&["--write-retry-seconds", "60"]).await;
     let doc = doc_id("outage");
     let signer = Signer::new(1);
     let (mut writer, _) = Ws::open(&gateway.url(), &doc).await;
@@ -68,13 +62,8 @@ async fn persistence_outage_is_survived() {
 /// memory, and the writer and other readers are not disturbed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_consumer_is_disconnected() {
-    let persistence = Persistence::start().await;
-    let gateway = Gateway::start(
-        &persistence.url,
-        &nats_url(),
-        &["--send-queue", "4", "--max-frame-bytes", "1048576"],
-    );
-    gateway.ready().await;
+    let (_persistence, gateway) =
+        one_gateway(&["--send-queue", "4", "--max-frame-bytes", "1048576"]).await;
     let doc = doc_id("slow");
     let signer = Signer::new(1);
     let (mut writer, _) = Ws::open(&gateway.url(), &doc).await;

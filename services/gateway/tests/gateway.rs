@@ -7,8 +7,8 @@
 mod common;
 
 use common::{
-    doc_id, http_get, http_status, masked_frame, nats_url, update_clock, Gateway, Persistence,
-    PrivateNats, Signer, SilentWs, Ws,
+    doc_id, http_get, http_status, masked_frame, one_gateway, two_gateways, update_clock, Gateway,
+    Persistence, PrivateNats, Signer, SilentWs, Ws,
 };
 use secsync_protocol::ServerFrame;
 
@@ -23,13 +23,7 @@ async fn with_snapshot(ws: &mut Ws, signer: &Signer, doc: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_opening_sequence_and_bad_input() {
-    let persistence = Persistence::start().await;
-    let gateway = Gateway::start(
-        &persistence.url,
-        &nats_url(),
-        &["--max-frame-bytes", "65536"],
-    );
-    gateway.ready().await;
+    let (_persistence, gateway) = one_gateway(&["--max-frame-bytes", "65536"]).await;
     assert_eq!(http_status(gateway.port, "/healthz").await, Some(200));
     assert_eq!(http_status(gateway.port, "/readyz").await, Some(200));
 
@@ -114,9 +108,7 @@ async fn health_opening_sequence_and_bad_input() {
 /// with their codes, a client's close answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_framing_rules() {
-    let persistence = Persistence::start().await;
-    let gateway = Gateway::start(&persistence.url, &nats_url(), &[]);
-    gateway.ready().await;
+    let (_persistence, gateway) = one_gateway(&[]).await;
     let doc = doc_id("framing");
     let path = format!("/{doc}?sessionKey=k");
     let upgrade = [
@@ -205,12 +197,7 @@ async fn websocket_framing_rules() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateways_deliver_everything_once_in_order() {
     let persistence = Persistence::start().await;
-    let (a, b) = (
-        Gateway::start(&persistence.url, &nats_url(), &[]),
-        Gateway::start(&persistence.url, &nats_url(), &[]),
-    );
-    a.ready().await;
-    b.ready().await;
+    let (a, b) = two_gateways(&persistence, &[]).await;
     let doc = doc_id("fanout");
     let signers: Vec<Signer> = (1..=4).map(Signer::new).collect();
     let (mut first, _) = Ws::open(&a.url(), &doc).await;
@@ -268,12 +255,7 @@ async fn pipelined_writers_keep_up_with_each_other() {
     const WINDOW: u64 = 8;
     let persistence = Persistence::start().await;
     let flags = ["--send-queue", "48"];
-    let (a, b) = (
-        Gateway::start(&persistence.url, &nats_url(), &flags),
-        Gateway::start(&persistence.url, &nats_url(), &flags),
-    );
-    a.ready().await;
-    b.ready().await;
+    let (a, b) = two_gateways(&persistence, &flags).await;
     let doc = doc_id("pipelined");
     let signers: Vec<Signer> = (1..=4).map(Signer::new).collect();
     let (mut first, _) = Ws::open(&a.url(), &doc).await;
@@ -333,10 +315,7 @@ async fn pipelined_writers_keep_up_with_each_other() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_killed_while_writing_loses_no_acknowledged_update() {
     let persistence = Persistence::start().await;
-    let mut doomed = Gateway::start(&persistence.url, &nats_url(), &[]);
-    let survivor = Gateway::start(&persistence.url, &nats_url(), &[]);
-    doomed.ready().await;
-    survivor.ready().await;
+    let (mut doomed, survivor) = two_gateways(&persistence, &[]).await;
     let doc = doc_id("kill");
     let signer = Signer::new(1);
     let (mut writer, _) = Ws::open(&doomed.url(), &doc).await;
@@ -402,12 +381,7 @@ async fn nats_restart_leaves_no_gap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn joiners_during_writes_miss_nothing() {
     let persistence = Persistence::start().await;
-    let (a, b) = (
-        Gateway::start(&persistence.url, &nats_url(), &[]),
-        Gateway::start(&persistence.url, &nats_url(), &[]),
-    );
-    a.ready().await;
-    b.ready().await;
+    let (a, b) = two_gateways(&persistence, &[]).await;
     let doc = doc_id("join");
     let signer = Signer::new(1);
     let (mut writer, _) = Ws::open(&a.url(), &doc).await;
@@ -454,18 +428,10 @@ async fn joiners_during_writes_miss_nothing() {
 /// pieces between persistence and the gateway; a fresh client gets them whole, byte for byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_document_larger_than_a_stream_chunk_loads_whole() {
-    let persistence = Persistence::start().await;
-    let gateway = Gateway::start(&persistence.url, &nats_url(), &[]);
-    gateway.ready().await;
+    let (_persistence, gateway) = one_gateway(&[]).await;
     let doc = doc_id("large");
     let signer = Signer::new(3);
-    let body = |frame: &str| {
-        secsync_protocol::parse_client_frame(frame, secsync_protocol::ParseOptions::default())
-            .unwrap()
-            .signed()
-            .body()
-            .to_owned()
-    };
+    let body = |frame: &str| secsync_protocol::stored_body(frame).unwrap();
     let (mut writer, _) = Ws::open(&gateway.url(), &doc).await;
     // About 800 KB of body: four pieces, cut at byte offsets and joined in order.
     let snapshot = signer.large_first_snapshot(&doc, "S1", &vec![7u8; 600_000]);
@@ -501,9 +467,7 @@ async fn a_document_larger_than_a_stream_chunk_loads_whole() {
 /// SIGTERM: clients are closed with 1012 ("service restart") and the process exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_exits_cleanly() {
-    let persistence = Persistence::start().await;
-    let mut gateway = Gateway::start(&persistence.url, &nats_url(), &["--drain-seconds", "5"]);
-    gateway.ready().await;
+    let (_persistence, mut gateway) = one_gateway(&["--drain-seconds", "5"]).await;
     let doc = doc_id("drain");
     let (mut ws, _) = Ws::open(&gateway.url(), &doc).await;
     let status = gateway.terminate();

@@ -116,11 +116,7 @@ async fn first_snapshot_updates_and_complete_load<B: Backend>(core: Core<B>) {
 
 /// The stored body is the frame's exact signed parts (what the protocol parser builds).
 fn parse_body(text: &str) -> String {
-    parse_client_frame(text, ParseOptions::default())
-        .unwrap()
-        .signed()
-        .body()
-        .to_owned()
+    secsync_protocol::stored_body(text).unwrap()
 }
 
 async fn clock_rules<B: Backend>(core: Core<B>) {

@@ -34,8 +34,8 @@ pub use crypto::{Domain, KeyCache, ProofEntry};
 pub use error::{FrameError, Reason, Shape};
 pub use ids::{Clock, DocumentId, PublicKey, SignatureBytes, SnapshotId};
 pub use message::{
-    parse_client_frame, ClientFrame, EphemeralMessage, ParseOptions, Signed, SnapshotMessage,
-    UpdateMessage,
+    parse_client_frame, stored_body, ClientFrame, EphemeralMessage, ParseOptions, Signed,
+    SnapshotMessage, UpdateMessage,
 };
 pub use outcome::{Kind, LoadedDocument, Outcome};
 pub use rules::{

@@ -226,6 +226,15 @@ impl ClientFrame {
     }
 }
 
+/// The exact signed parts of a client frame: what a server stores and relays for it (PROTOCOL.md
+/// 7.6), and so what a load returns for it.
+pub fn stored_body(text: &str) -> Result<String, FrameError> {
+    Ok(parse_client_frame(text, ParseOptions::default())?
+        .signed()
+        .body()
+        .to_owned())
+}
+
 /// Parses one client text frame.
 pub fn parse_client_frame(text: &str, options: ParseOptions) -> Result<ClientFrame, FrameError> {
     let unknown = |reason| FrameError {

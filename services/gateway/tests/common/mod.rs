@@ -192,6 +192,23 @@ impl Drop for Database {
     }
 }
 
+/// Persistence and one ready gateway on the shared NATS, the gateway started with `args`.
+pub async fn one_gateway(args: &[&str]) -> (Persistence, Gateway) {
+    let persistence = Persistence::start().await;
+    let gateway = Gateway::start(&persistence.url, &nats_url(), args);
+    gateway.ready().await;
+    (persistence, gateway)
+}
+
+/// Two ready gateways on `persistence` and the shared NATS, both started with `args`.
+pub async fn two_gateways(persistence: &Persistence, args: &[&str]) -> (Gateway, Gateway) {
+    let a = Gateway::start(&persistence.url, &nats_url(), args);
+    let b = Gateway::start(&persistence.url, &nats_url(), args);
+    a.ready().await;
+    b.ready().await;
+    (a, b)
+}
+
 /// A `secsync-gateway` process, killed on drop.
 pub struct Gateway {
     child: Child,
