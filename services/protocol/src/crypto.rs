@@ -52,7 +52,7 @@ pub fn signature_input(domain: Domain, ciphertext: &str, nonce: &str, pd_b64: &s
 
 /// Verifies a detached Ed25519 signature with libsodium's strictness.
 pub fn verify(public_key: &PublicKey, signature: &SignatureBytes, message: &[u8]) -> bool {
-    KeyCache::default().verify(public_key, signature, message)
+    checked_key(public_key.as_bytes()).is_some_and(|key| verify_strict(&key, signature, message))
 }
 
 /// The last public key that passed the key checks, kept decoded for the next signature it
@@ -77,10 +77,14 @@ impl KeyCache {
                 None => return false,
             },
         };
-        // verify_strict refuses small-order A and R and non-canonical S, as libsodium does.
-        key.verify_strict(message, &Signature::from_bytes(signature.as_bytes()))
-            .is_ok()
+        verify_strict(key, signature, message)
     }
+}
+
+/// Refuses small-order A and R and non-canonical S, as libsodium does.
+fn verify_strict(key: &VerifyingKey, signature: &SignatureBytes, message: &[u8]) -> bool {
+    key.verify_strict(message, &Signature::from_bytes(signature.as_bytes()))
+        .is_ok()
 }
 
 /// The key, if its encoding is canonical and decodes to a point.
