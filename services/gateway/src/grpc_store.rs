@@ -11,6 +11,11 @@
 //! carry their request id, which persistence stores with the message (a UNIQUE column) and
 //! answers a repeated one with the first outcome.
 //!
+//! Submissions go over one long-lived `Submit` stream per address rather than a unary call
+//! each: a call per update (its HTTP/2 stream, headers, trailers and server task) cost more CPU
+//! than the write itself (BENCHMARKS.md). A stream that ends or breaks fails the submissions
+//! still waiting on it as a connection failure, which retries them as above.
+//!
 //! With an `https://` URL every connection is TLS, verified against the configured CA (or the
 //! system's roots) for the URL's host name: addresses are dialled by IP, but the certificate
 //! names the service, so the server name is the name from the URL, never the IP.
@@ -104,9 +109,38 @@ struct Replica {
     client: PersistenceClient<Channel>,
     /// False after a connection-level failure, until a probe succeeds.
     up: AtomicBool,
+    /// The `Submit` stream to this address, opened on first use and again after it ended.
+    stream: std::sync::Mutex<Option<Link>>,
+    /// Set when this address does not know `Submit` (a persistence older than this gateway,
+    /// during a rolling upgrade): its submissions then go by the unary calls.
+    unary: AtomicBool,
 }
 
 impl Replica {
+    fn new(address: SocketAddr, client: PersistenceClient<Channel>) -> Self {
+        Self {
+            address,
+            client,
+            up: AtomicBool::new(true),
+            stream: std::sync::Mutex::new(None),
+            unary: AtomicBool::new(false),
+        }
+    }
+
+    /// The open `Submit` stream, or a new one.
+    fn link(&self) -> Link {
+        let mut slot = self
+            .stream
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(link) = slot.as_ref().filter(|link| link.waiting.is_open()) {
+            return link.clone();
+        }
+        let link = Link::open(self.client.clone());
+        *slot = Some(link.clone());
+        link
+    }
+
     fn mark_down(&self, status: &tonic::Status) {
         if self.up.swap(false, Ordering::SeqCst) {
             tracing::warn!(
@@ -114,6 +148,144 @@ impl Replica {
                 error = %status.message(),
                 "persistence address down"
             );
+        }
+    }
+}
+
+/// A `Submit` stream to one address: submissions go out tagged, a driver task hands each
+/// answer to the submission waiting for its tag. When the stream ends or breaks, every
+/// submission still waiting fails as a connection failure (and is retried on another address
+/// with its request id), and the next submission opens a new stream.
+#[derive(Debug, Clone)]
+struct Link {
+    requests: tokio::sync::mpsc::Sender<pb::SubmitRequest>,
+    waiting: Arc<Waiting>,
+}
+
+/// Requests queued for a stream before it takes them; more wait (up to their deadline).
+const LINK_QUEUE: usize = 1024;
+
+/// What a submission gets back from a stream.
+type Answer = Result<pb::SubmitResult, tonic::Status>;
+
+/// Submissions of one stream waiting for their answers, by tag.
+#[derive(Debug, Default)]
+struct Waiting(std::sync::Mutex<Answers>);
+
+#[derive(Debug, Default)]
+struct Answers {
+    /// Set once the stream has ended: nothing is registered any more.
+    closed: bool,
+    next_tag: u64,
+    by_tag: std::collections::HashMap<u64, tokio::sync::oneshot::Sender<Answer>>,
+}
+
+impl Waiting {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Answers> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn is_open(&self) -> bool {
+        !self.lock().closed
+    }
+
+    /// A tag and the receiver of its answer; `None` once the stream has ended.
+    fn register(&self) -> Option<(u64, tokio::sync::oneshot::Receiver<Answer>)> {
+        let mut answers = self.lock();
+        if answers.closed {
+            return None;
+        }
+        answers.next_tag += 1;
+        let tag = answers.next_tag;
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        answers.by_tag.insert(tag, sender);
+        Some((tag, receiver))
+    }
+
+    fn forget(&self, tag: u64) {
+        self.lock().by_tag.remove(&tag);
+    }
+
+    fn answer(&self, result: pb::SubmitResult) {
+        // Absent: its submission gave up (deadline) and forgot it.
+        if let Some(sender) = self.lock().by_tag.remove(&result.tag) {
+            let _ = sender.send(Ok(result));
+        }
+    }
+
+    /// Ends the stream: every submission still waiting gets `status`.
+    fn close(&self, status: &tonic::Status) {
+        let waiting = {
+            let mut answers = self.lock();
+            answers.closed = true;
+            std::mem::take(&mut answers.by_tag)
+        };
+        for sender in waiting.into_values() {
+            let _ = sender.send(Err(status.clone()));
+        }
+    }
+}
+
+impl Link {
+    /// Starts a stream on `client`; its driver runs until the stream ends (persistence ends
+    /// it, the connection breaks, or every clone of the link is dropped and with them the
+    /// request side).
+    fn open(mut client: PersistenceClient<Channel>) -> Self {
+        let (requests, queued) = tokio::sync::mpsc::channel(LINK_QUEUE);
+        let waiting = Arc::new(Waiting::default());
+        let driven = waiting.clone();
+        tokio::spawn(async move {
+            let stream = tokio_stream::wrappers::ReceiverStream::new(queued);
+            let ended = match client.submit(stream).await {
+                Err(status) => status,
+                Ok(response) => {
+                    let mut answers = response.into_inner();
+                    loop {
+                        match answers.message().await {
+                            Ok(Some(result)) => driven.answer(result),
+                            Ok(None) => {
+                                break tonic::Status::unavailable(
+                                    "persistence ended the submit stream",
+                                )
+                            }
+                            Err(status) => break status,
+                        }
+                    }
+                }
+            };
+            tracing::debug!(error = %ended.message(), "submit stream ended");
+            driven.close(&ended);
+        });
+        Self { requests, waiting }
+    }
+
+    /// Sends `request` and waits for its answer, at most `timeout`. A failure of the stream is
+    /// a status (which the caller treats as a connection failure); the deadline is not one.
+    async fn send(
+        &self,
+        mut request: pb::SubmitRequest,
+        timeout: Duration,
+    ) -> Result<pb::SubmitResult, Failure> {
+        let ended = || tonic::Status::unavailable("the submit stream ended");
+        let Some((tag, answer)) = self.waiting.register() else {
+            return Err(Failure::Connection(ended()));
+        };
+        request.tag = tag;
+        let exchange = async {
+            self.requests.send(request).await.map_err(|_| ended())?;
+            answer.await.map_err(|_| ended())?
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(Ok(result)) => Ok(result),
+            Ok(Err(status)) => Err(Failure::Connection(status)),
+            Err(_) => {
+                self.waiting.forget(tag);
+                Err(Failure::Store(StoreError::Unavailable(
+                    "persistence did not answer in time".into(),
+                )))
+            }
         }
     }
 }
@@ -310,11 +482,11 @@ impl GrpcStore {
     /// another one (see the module's documentation for why that is safe).
     async fn call<T, F, Fut>(&self, attempt: F) -> Result<T, StoreError>
     where
-        F: Fn(PersistenceClient<Channel>) -> Fut,
+        F: Fn(Arc<Replica>) -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
     {
         let first = self.replica().await?;
-        let status = match attempt(first.client.clone()).await {
+        let status = match attempt(first.clone()).await {
             Ok(value) => return Ok(value),
             Err(Failure::Store(error)) => return Err(error),
             Err(Failure::Connection(status)) => status,
@@ -328,7 +500,7 @@ impl GrpcStore {
             to = %second.address,
             "retrying on another persistence address"
         );
-        match attempt(second.client.clone()).await {
+        match attempt(second.clone()).await {
             Ok(value) => Ok(value),
             Err(Failure::Store(error)) => Err(error),
             Err(Failure::Connection(status)) => {
@@ -414,11 +586,7 @@ fn update(
             continue;
         }
         match target.client(address, options) {
-            Ok(client) => replicas.push(Arc::new(Replica {
-                address,
-                client,
-                up: AtomicBool::new(true),
-            })),
+            Ok(client) => replicas.push(Arc::new(Replica::new(address, client))),
             Err(error) => tracing::warn!(%address, %error, "cannot use persistence address"),
         }
     }
@@ -480,13 +648,17 @@ fn submitted(response: pb::SubmitResponse) -> Result<Submitted, StoreError> {
         Some(pb::submit_response::Result::Accepted(a)) => Ok(Submitted::Accepted {
             sequence: a.sequence,
         }),
-        Some(pb::submit_response::Result::Rejected(r)) => Ok(Submitted::Rejected {
-            reason: Reason::from_code(&r.reason)
-                .ok_or_else(|| StoreError::Failed(format!("unknown reason {}", r.reason)))?,
-            sequence: r.sequence,
-        }),
+        Some(pb::submit_response::Result::Rejected(r)) => rejected(&r),
         None => Err(StoreError::Failed("empty submit response".into())),
     }
+}
+
+fn rejected(r: &pb::Rejected) -> Result<Submitted, StoreError> {
+    Ok(Submitted::Rejected {
+        reason: Reason::from_code(&r.reason)
+            .ok_or_else(|| StoreError::Failed(format!("unknown reason {}", r.reason)))?,
+        sequence: r.sequence,
+    })
 }
 
 /// One attempt of each call, on one address.
@@ -544,7 +716,64 @@ impl GrpcStore {
         Ok(loaded)
     }
 
-    async fn submit_to(
+    /// One submission on `replica`: over its `Submit` stream, or by a unary call when it does
+    /// not know the stream.
+    async fn submit_on(
+        &self,
+        replica: &Replica,
+        kind: SubmitKind,
+        document_id: String,
+        body: String,
+        request_id: pb::RequestId,
+    ) -> Result<Submitted, Failure> {
+        if replica.unary.load(Ordering::Relaxed) {
+            return self
+                .submit_unary(replica.client.clone(), kind, document_id, body, request_id)
+                .await;
+        }
+        let mut request = pb::SubmitRequest {
+            tag: 0,
+            kind: match kind {
+                SubmitKind::Snapshot => pb::SubmitKind::Snapshot,
+                SubmitKind::Update => pb::SubmitKind::Update,
+            } as i32,
+            document_id,
+            body,
+            request_id: Some(request_id),
+            trace_context: std::collections::HashMap::new(),
+        };
+        // The caller's trace continues in persistence.
+        secsync_telemetry::propagation::inject(&tracing::Span::current(), |key, value| {
+            request.trace_context.insert(key.to_owned(), value);
+        });
+        let answer = match replica.link().send(request, self.call_timeout).await {
+            Err(Failure::Connection(status)) if status.code() == tonic::Code::Unimplemented => {
+                tracing::info!(
+                    address = %replica.address,
+                    "persistence does not know the submit stream; using unary calls"
+                );
+                replica.unary.store(true, Ordering::Relaxed);
+                return Err(Failure::Store(StoreError::Unavailable(
+                    "persistence does not know the submit stream".into(),
+                )));
+            }
+            other => other?,
+        };
+        match answer.result {
+            Some(pb::submit_result::Result::Accepted(a)) => Ok(Submitted::Accepted {
+                sequence: a.sequence,
+            }),
+            Some(pb::submit_result::Result::Rejected(r)) => Ok(rejected(&r)?),
+            Some(pb::submit_result::Result::Error(e)) => Err(Failure::Store(store_error(
+                &tonic::Status::new(tonic::Code::from_i32(e.code), e.message),
+            ))),
+            None => Err(Failure::Store(StoreError::Failed(
+                "empty submit result".into(),
+            ))),
+        }
+    }
+
+    async fn submit_unary(
         &self,
         mut client: PersistenceClient<Channel>,
         kind: SubmitKind,
@@ -636,7 +865,7 @@ impl Store for GrpcStore {
                 .collect(),
             create,
         };
-        self.call(move |client| self.load_from(client, message.clone()))
+        self.call(move |replica| self.load_from(replica.client.clone(), message.clone()))
             .await
     }
 
@@ -654,14 +883,12 @@ impl Store for GrpcStore {
             connection: request_id.connection,
             frame: request_id.frame,
         };
-        self.call(move |client| {
-            self.submit_to(
-                client,
-                kind,
-                doc.as_str().to_owned(),
-                body.to_owned(),
-                id.clone(),
-            )
+        self.call(|replica| {
+            let id = id.clone();
+            async move {
+                self.submit_on(&replica, kind, doc.as_str().to_owned(), body.to_owned(), id)
+                    .await
+            }
         })
         .await
     }
@@ -677,7 +904,7 @@ impl Store for GrpcStore {
             after_sequence: after,
             limit,
         };
-        self.call(move |client| self.events_from(client, message.clone()))
+        self.call(move |replica| self.events_from(replica.client.clone(), message.clone()))
             .await
     }
 
@@ -686,7 +913,7 @@ impl Store for GrpcStore {
             document_ids: docs.iter().map(|d| d.as_str().to_owned()).collect(),
         };
         let response = self
-            .call(move |client| self.heads_from(client, message.clone()))
+            .call(move |replica| self.heads_from(replica.client.clone(), message.clone()))
             .await?;
         Ok(docs
             .iter()

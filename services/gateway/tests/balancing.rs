@@ -36,7 +36,8 @@ use tonic::{Request, Response, Status};
 
 /// The name both persistence instances are reached under (`.test` is reserved for testing).
 const NAME: &str = "persistence.balancing.test";
-/// Set in a child process: `ADDRESS DATABASE_URL` to serve.
+/// Set in a child process: `ADDRESS DATABASE_URL` to serve, then `unary` for a process that
+/// does not know the `Submit` stream (a persistence older than the gateway).
 const CHILD: &str = "SECSYNC_TEST_PERSISTENCE_PROCESS";
 /// The helper test the children run.
 const CHILD_TEST: &str = "persistence_process";
@@ -49,7 +50,9 @@ fn persistence_process() {
     let Ok(spec) = std::env::var(CHILD) else {
         return;
     };
-    let (address, database) = spec.split_once(' ').unwrap();
+    let mut words = spec.split(' ');
+    let (address, database) = (words.next().unwrap(), words.next().unwrap());
+    let unary = words.next() == Some("unary");
     let address: SocketAddr = address.parse().unwrap();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -60,10 +63,10 @@ fn persistence_process() {
         let listener = tokio::net::TcpListener::bind(address).await.unwrap();
         let backend = PgBackend::connect_lazy(database, &PgSettings::default()).unwrap();
         backend.migrate().await.unwrap();
-        let service = Counting(PersistenceService::new(Core::start(
-            backend,
-            CoreOptions::default(),
-        )));
+        let service = Counting(
+            PersistenceService::new(Core::start(backend, CoreOptions::default())),
+            unary,
+        );
         // On a line of its own: the test harness has just printed the test's name.
         println!("\nlistening {address}");
         tonic::transport::Server::builder()
@@ -76,8 +79,9 @@ fn persistence_process() {
     });
 }
 
-/// The persistence service, printing `served METHOD` for every call before serving it.
-struct Counting(PersistenceService<PgBackend>);
+/// The persistence service, printing `served METHOD` for every call before serving it; with
+/// `.1` set, without the `Submit` stream.
+struct Counting(PersistenceService<PgBackend>, bool);
 
 fn served(method: &str) {
     println!("served {method}");
@@ -87,6 +91,7 @@ fn served(method: &str) {
 impl Persistence for Counting {
     type LoadDocumentStream = <PersistenceService<PgBackend> as Persistence>::LoadDocumentStream;
     type ReadEventsStream = <PersistenceService<PgBackend> as Persistence>::ReadEventsStream;
+    type SubmitStream = <PersistenceService<PgBackend> as Persistence>::SubmitStream;
 
     async fn load_document(
         &self,
@@ -112,6 +117,25 @@ impl Persistence for Counting {
         self.0.submit_update(request).await
     }
 
+    async fn submit(
+        &self,
+        request: Request<tonic::Streaming<pb::SubmitRequest>>,
+    ) -> Result<Response<Self::SubmitStream>, Status> {
+        if self.1 {
+            return Err(Status::unimplemented("not in this version"));
+        }
+        let requests = futures::StreamExt::inspect(request.into_inner(), |request| {
+            if let Ok(request) = request {
+                if request.kind == pb::SubmitKind::Update as i32 {
+                    served("submit_update");
+                } else {
+                    served("submit_snapshot");
+                }
+            }
+        });
+        Ok(Response::new(self.0.submit_stream(requests)))
+    }
+
     async fn read_events(
         &self,
         request: Request<pb::ReadEventsRequest>,
@@ -133,6 +157,8 @@ impl Persistence for Counting {
 struct PersistenceProcess {
     address: SocketAddr,
     database: String,
+    /// Without the `Submit` stream.
+    unary: bool,
     child: Option<Child>,
     /// Updates this process (the current one, not an earlier one on the same address) served.
     updates: watch::Receiver<u64>,
@@ -142,9 +168,14 @@ struct PersistenceProcess {
 
 impl PersistenceProcess {
     fn start(address: SocketAddr, database: &str) -> Self {
+        Self::start_as(address, database, false)
+    }
+
+    fn start_as(address: SocketAddr, database: &str, unary: bool) -> Self {
         let mut process = Self {
             address,
             database: database.to_owned(),
+            unary,
             child: None,
             updates: watch::channel(0).1,
             loads: watch::channel(0).1,
@@ -159,7 +190,15 @@ impl PersistenceProcess {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args([CHILD_TEST, "--exact", "--ignored", "--nocapture"])
             .args(["--test-threads", "1"])
-            .env(CHILD, format!("{} {}", self.address, self.database))
+            .env(
+                CHILD,
+                format!(
+                    "{} {}{}",
+                    self.address,
+                    self.database,
+                    if self.unary { " unary" } else { "" }
+                ),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -296,6 +335,17 @@ fn with_private_hosts(hosts: &Path) -> Vec<String> {
     panic!("cannot give the gateway a private /etc/hosts: {failures:#?}");
 }
 
+/// Opens `doc` and saves its first snapshot ("S1").
+async fn writer_on(base: &str, doc: &str, signer: &Signer) -> Ws {
+    let (mut writer, _) = Ws::open(base, doc).await;
+    writer.send(&signer.first_snapshot(doc, "S1")).await;
+    assert!(matches!(
+        writer.next().await,
+        Some(ServerFrame::SnapshotSaved(_))
+    ));
+    writer
+}
+
 /// Sends one update; it must be acknowledged.
 async fn write(writer: &mut Ws, signer: &Signer, doc: &str, clock: &mut u64) {
     writer.send(&signer.update(doc, "S1", *clock)).await;
@@ -368,12 +418,7 @@ async fn persistence_balancing_follows_a_name_with_two_addresses() {
 
     let doc = doc_id("balance");
     let signer = Signer::new(1);
-    let (mut writer, _) = Ws::open(&base, &doc).await;
-    writer.send(&signer.first_snapshot(&doc, "S1")).await;
-    assert!(matches!(
-        writer.next().await,
-        Some(ServerFrame::SnapshotSaved(_))
-    ));
+    let mut writer = writer_on(&base, &doc, &signer).await;
     let mut clock = 0;
 
     // Both up: the gateway spreads writes and loads over both addresses.
@@ -427,4 +472,29 @@ async fn persistence_balancing_follows_a_name_with_two_addresses() {
         .map(|u| update_clock(&ServerFrame::Update(u.clone())).unwrap().1)
         .collect();
     assert_eq!(clocks, (0..clock).collect::<Vec<_>>());
+}
+
+/// A persistence that does not know the `Submit` stream (an older version, during a rolling
+/// upgrade): the gateway notices and submits by unary calls; every write is saved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistence_without_the_submit_stream_gets_unary_calls() {
+    let database = Database::create().await;
+    let port = port_free_on_both();
+    let mut old = PersistenceProcess::start_as(
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        database.url(),
+        true,
+    );
+    let gateway = Gateway::start(&format!("http://127.0.0.1:{port}"), &nats_url(), &[]);
+    gateway.ready().await;
+    let base = gateway.url();
+    let doc = doc_id("unary");
+    let signer = Signer::new(1);
+    let mut writer = writer_on(&base, &doc, &signer).await;
+    let mut clock = 0;
+    for _ in 0..5 {
+        write(&mut writer, &signer, &doc, &mut clock).await;
+    }
+    old.served_updates(5).await;
+    assert_eq!(load(&base, &doc).await.len(), 5);
 }

@@ -74,6 +74,12 @@ async fn next_text(socket: &mut Socket) -> String {
     }
 }
 
+/// Persistence's span of one update submitted over the gateway's `Submit` stream.
+fn submitted_update(span: &secsync_testkit::otlp::Span) -> bool {
+    span.name == "secsync.persistence.v1.Persistence/Submit"
+        && span.attribute("submit.kind") == Some("update")
+}
+
 fn field(frame: &str, name: &str) -> String {
     let value: serde_json::Value = serde_json::from_str(frame).unwrap();
     value[name].as_str().unwrap().to_owned()
@@ -161,7 +167,7 @@ async fn one_trace_from_sender_to_receiver_and_no_secrets() {
             let update_traces: BTreeSet<&str> = received
                 .spans
                 .iter()
-                .filter(|s| s.service == "secsync-persistence" && s.name.ends_with("/SubmitUpdate"))
+                .filter(|s| s.service == "secsync-persistence" && submitted_update(s))
                 .map(|s| s.trace_id.as_str())
                 .collect();
             update_traces.iter().any(|trace| {
@@ -196,7 +202,7 @@ async fn one_trace_from_sender_to_receiver_and_no_secrets() {
     let update_trace = received
         .spans
         .iter()
-        .filter(|s| s.service == "secsync-persistence" && s.name.ends_with("/SubmitUpdate"))
+        .filter(|s| s.service == "secsync-persistence" && submitted_update(s))
         .map(|s| s.trace_id.clone())
         .find(|trace| {
             received

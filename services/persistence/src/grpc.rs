@@ -1,13 +1,14 @@
-//! The gRPC layer over the core: request validation, chunked streaming, and the one mapping of
-//! core errors to gRPC statuses.
+//! The gRPC layer over the core: request validation, chunked streaming, the `Submit` stream
+//! that carries the gateways' writes, and the one mapping of core errors to gRPC statuses.
 
 use std::pin::Pin;
 
-use futures::Stream;
+use futures::{Stream, StreamExt as _};
 use secsync_protocol::{Clock, Clocks, DocumentId, LoadMode, LoadRequest, SnapshotId};
 use secsync_rpc::v1 as pb;
 use secsync_rpc::v1::persistence_server::Persistence;
-use tonic::{Request, Response, Status};
+use tokio::sync::{mpsc, watch};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::backend::{Backend, EventKind};
 use crate::core::{Core, CoreError, Kind, LoadedDocument, Outcome};
@@ -17,32 +18,161 @@ pub const CHUNK_BYTES: usize = 256 * 1024;
 /// Default and largest number of events per `ReadEvents` call.
 pub const MAX_EVENTS: u32 = 10_000;
 
+/// Most submissions of one `Submit` stream being decided at once: past it the stream is not
+/// read, and HTTP/2 flow control holds the sender back.
+pub const STREAM_IN_FLIGHT: usize = 4096;
+
 /// The tonic service.
 #[derive(Debug)]
 pub struct PersistenceService<B: Backend> {
     core: Core<B>,
+    /// Turns true when the server shuts down: `Submit` streams then stop reading, answer what
+    /// they read and end, so that a graceful shutdown is not held open by them.
+    closing: watch::Receiver<bool>,
 }
 
 impl<B: Backend> PersistenceService<B> {
+    /// A service whose `Submit` streams end only when their clients end them.
     pub fn new(core: Core<B>) -> Self {
-        Self { core }
+        Self::closing_on(core, watch::channel(false).1)
     }
 
-    async fn submit(
+    /// A service whose `Submit` streams end once `closing` turns true.
+    pub fn closing_on(core: Core<B>, closing: watch::Receiver<bool>) -> Self {
+        Self { core, closing }
+    }
+
+    async fn submit_unary(
         &self,
         kind: Kind,
         document: &str,
         body: &str,
         id: Option<&pb::RequestId>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
-        let doc = document_id(document)?;
-        let outcome = self
-            .core
-            .submit(doc, kind, body, request_id(id))
-            .await
-            .map_err(status)?;
-        tracing::debug!(?kind, ?outcome, "submitted");
+        let outcome = submit_one(&self.core, kind, document, body, id).await?;
         Ok(Response::new(submit_response(outcome)))
+    }
+
+    /// Serves one `Submit` stream: every request is decided concurrently with the others (each
+    /// document's worker keeps its order) and answered by its tag as soon as it is decided.
+    /// Public so that a wrapper can watch the requests go by (the balancing test counts them).
+    pub fn submit_stream<S>(&self, mut requests: S) -> ChunkStream<pb::SubmitResult>
+    where
+        S: Stream<Item = Result<pb::SubmitRequest, Status>> + Send + Unpin + 'static,
+    {
+        use futures::stream::FuturesUnordered;
+        let core = self.core.clone();
+        let mut closing = self.closing.clone();
+        let (results, answers) = mpsc::channel(STREAM_IN_FLIGHT);
+        tokio::spawn(async move {
+            let mut deciding = FuturesUnordered::new();
+            let mut reading = true;
+            loop {
+                tokio::select! {
+                    biased;
+                    Some(result) = deciding.next(), if !deciding.is_empty() => {
+                        // The client is gone: nobody is left to answer.
+                        if results.send(Ok(result)).await.is_err() {
+                            return;
+                        }
+                    }
+                    () = closed(&mut closing), if reading => reading = false,
+                    request = requests.next(), if reading && deciding.len() < STREAM_IN_FLIGHT => {
+                        match request {
+                            Some(Ok(request)) => deciding.push(submit_tagged(core.clone(), request)),
+                            Some(Err(error)) => {
+                                tracing::debug!(%error, "submit stream broke");
+                                reading = false;
+                            }
+                            None => reading = false,
+                        }
+                    }
+                    else => return,
+                }
+            }
+        });
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(answers))
+    }
+}
+
+/// Waits until `closing` is true; forever when its sender is gone without having said so.
+async fn closed(closing: &mut watch::Receiver<bool>) {
+    if closing.wait_for(|closing| *closing).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// One submission, as both the unary calls and the stream decide it.
+async fn submit_one<B: Backend>(
+    core: &Core<B>,
+    kind: Kind,
+    document: &str,
+    body: &str,
+    id: Option<&pb::RequestId>,
+) -> Result<Outcome, Status> {
+    let doc = document_id(document)?;
+    let outcome = core
+        .submit(doc, kind, body, request_id(id))
+        .await
+        .map_err(status)?;
+    tracing::debug!(?kind, ?outcome, "submitted");
+    Ok(outcome)
+}
+
+/// One request of a `Submit` stream, in a server span of its own parented to the trace context
+/// it carries (the stream itself gets no span: it lives as long as its gateway).
+async fn submit_tagged<B: Backend>(core: Core<B>, request: pb::SubmitRequest) -> pb::SubmitResult {
+    use pb::submit_result::Result as R;
+    use tracing::Instrument as _;
+    let kind = match pb::SubmitKind::try_from(request.kind) {
+        Ok(pb::SubmitKind::Snapshot) => Some(Kind::Snapshot),
+        Ok(pb::SubmitKind::Update) => Some(Kind::Update),
+        _ => None,
+    };
+    let span = tracing::info_span!(
+        "rpc",
+        otel.name = "secsync.persistence.v1.Persistence/Submit",
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = "secsync.persistence.v1.Persistence",
+        rpc.method = "Submit",
+        submit.kind = match kind {
+            Some(Kind::Snapshot) => "snapshot",
+            Some(Kind::Update) => "update",
+            None => "unknown",
+        },
+    );
+    secsync_telemetry::propagation::set_parent(&span, |key| {
+        request.trace_context.get(key).cloned()
+    });
+    let decided = async {
+        let kind =
+            kind.ok_or_else(|| Status::invalid_argument("kind: not a snapshot or update"))?;
+        submit_one(
+            &core,
+            kind,
+            &request.document_id,
+            &request.body,
+            request.request_id.as_ref(),
+        )
+        .await
+    }
+    .instrument(span)
+    .await;
+    let result = match decided {
+        Ok(Outcome::Accepted { sequence }) => R::Accepted(pb::Accepted { sequence }),
+        Ok(Outcome::Rejected { reason, sequence }) => R::Rejected(pb::Rejected {
+            reason: reason.code().to_owned(),
+            sequence,
+        }),
+        Err(status) => R::Error(pb::SubmitError {
+            code: status.code() as i32,
+            message: status.message().to_owned(),
+        }),
+    };
+    pb::SubmitResult {
+        tag: request.tag,
+        result: Some(result),
     }
 }
 
@@ -157,12 +287,14 @@ pub fn load_chunks(loaded: LoadedDocument) -> Vec<pb::LoadDocumentChunk> {
     chunks
 }
 
-type ChunkStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+/// A stream of answers, as the generated service trait wants them.
+pub type ChunkStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl<B: Backend> Persistence for PersistenceService<B> {
     type LoadDocumentStream = ChunkStream<pb::LoadDocumentChunk>;
     type ReadEventsStream = ChunkStream<pb::ReadEventsChunk>;
+    type SubmitStream = ChunkStream<pb::SubmitResult>;
 
     async fn load_document(
         &self,
@@ -208,7 +340,7 @@ impl<B: Backend> Persistence for PersistenceService<B> {
         request: Request<pb::SubmitSnapshotRequest>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
         let req = request.into_inner();
-        self.submit(
+        self.submit_unary(
             Kind::Snapshot,
             &req.document_id,
             &req.body,
@@ -222,13 +354,20 @@ impl<B: Backend> Persistence for PersistenceService<B> {
         request: Request<pb::SubmitUpdateRequest>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
         let req = request.into_inner();
-        self.submit(
+        self.submit_unary(
             Kind::Update,
             &req.document_id,
             &req.body,
             req.request_id.as_ref(),
         )
         .await
+    }
+
+    async fn submit(
+        &self,
+        request: Request<Streaming<pb::SubmitRequest>>,
+    ) -> Result<Response<Self::SubmitStream>, Status> {
+        Ok(Response::new(self.submit_stream(request.into_inner())))
     }
 
     async fn read_events(
@@ -291,7 +430,8 @@ fn rpc_span(request: &tonic::codegen::http::Request<()>) -> tracing::Span {
     let Some((service, method)) = path.split_once('/') else {
         return tracing::Span::none();
     };
-    if service != "secsync.persistence.v1.Persistence" {
+    // A `Submit` stream lasts as long as its gateway: each request in it gets its own span.
+    if service != "secsync.persistence.v1.Persistence" || method == "Submit" {
         return tracing::Span::none();
     }
     let span = tracing::info_span!(
@@ -420,10 +560,16 @@ pub async fn serve_with(
     });
 
     let core = Core::start(backend, options);
-    let service =
-        secsync_rpc::v1::persistence_server::PersistenceServer::new(PersistenceService::new(core))
-            .max_decoding_message_size(max_message_bytes)
-            .max_encoding_message_size(max_message_bytes);
+    let (closing, closing_seen) = watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = closing.send(true);
+    };
+    let service = secsync_rpc::v1::persistence_server::PersistenceServer::new(
+        PersistenceService::closing_on(core, closing_seen),
+    )
+    .max_decoding_message_size(max_message_bytes)
+    .max_encoding_message_size(max_message_bytes);
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(secsync_rpc::v1::FILE_DESCRIPTOR_SET)
         .build_v1()?;

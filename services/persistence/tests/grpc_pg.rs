@@ -133,6 +133,117 @@ async fn submit_until_answered(
     }
 }
 
+fn streamed(tag: u64, kind: pb::SubmitKind, doc: &str, body: &str, id: u64) -> pb::SubmitRequest {
+    pb::SubmitRequest {
+        tag,
+        kind: kind as i32,
+        document_id: doc.into(),
+        body: body.into(),
+        request_id: request_id(id, 0),
+        trace_context: std::collections::HashMap::new(),
+    }
+}
+
+async fn next_answer(answers: &mut tonic::Streaming<pb::SubmitResult>) -> Option<pb::SubmitResult> {
+    tokio::time::timeout(Duration::from_secs(30), answers.message())
+        .await
+        .expect("an answer in time")
+        .unwrap()
+}
+
+/// The stream gateways submit through: each request is answered by its tag, refused and
+/// malformed requests fail alone and the stream goes on, a repeated request id gets its first result, and a
+/// graceful shutdown ends the stream (it must not hold the process open) after answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_stream_answers_by_tag_and_ends_on_shutdown() {
+    use pb::submit_result::Result as R;
+    use pb::SubmitKind::{Snapshot, Unspecified, Update};
+    with_database(|url| async move {
+        let mut persistence = Persistence::start(&url);
+        let mut client = persistence.client();
+        assert!(load(&mut client, "streamed").await.0.found);
+        let (requests, queued) = tokio::sync::mpsc::channel(64);
+        let mut answers = client
+            .submit(tokio_stream::wrappers::ReceiverStream::new(queued))
+            .await
+            .unwrap()
+            .into_inner();
+
+        let snapshot = Author::new(99).snapshot("streamed", "S1", None, &[]);
+        requests
+            .send(streamed(7, Snapshot, "streamed", &snapshot.body, 1))
+            .await
+            .unwrap();
+        let first = next_answer(&mut answers).await.unwrap();
+        assert_eq!(first.tag, 7);
+        assert!(matches!(
+            first.result,
+            Some(R::Accepted(pb::Accepted { sequence: 1 }))
+        ));
+
+        // Ten authors' first updates, with two bad requests among them.
+        let bodies: Vec<String> = (1..=10u8)
+            .map(|a| Author::new(a).update("streamed", "S1", 0))
+            .collect();
+        for (i, body) in bodies.iter().enumerate() {
+            let tag = 100 + i as u64;
+            requests
+                .send(streamed(tag, Update, "streamed", body, tag))
+                .await
+                .unwrap();
+            if i == 3 {
+                let bad_doc = streamed(50, Update, "another-document", body, 50);
+                requests.send(bad_doc).await.unwrap();
+                let no_kind = streamed(51, Unspecified, "streamed", body, 51);
+                requests.send(no_kind).await.unwrap();
+            }
+        }
+        let mut results = std::collections::BTreeMap::new();
+        for _ in 0..12 {
+            let answer = next_answer(&mut answers).await.unwrap();
+            assert!(results.insert(answer.tag, answer.result.unwrap()).is_none());
+        }
+        match &results[&50] {
+            R::Rejected(r) => assert_eq!(r.reason, "wrong-document"),
+            other => panic!("tag 50: {other:?}"),
+        }
+        match &results[&51] {
+            R::Error(e) => assert_eq!(e.code, tonic::Code::InvalidArgument as i32, "{e:?}"),
+            other => panic!("tag 51: {other:?}"),
+        }
+        let mut sequences: Vec<u64> = (100..110)
+            .map(|tag| match &results[&tag] {
+                R::Accepted(a) => a.sequence,
+                other => panic!("tag {tag}: {other:?}"),
+            })
+            .collect();
+        let first_of_103 = sequences[3];
+        sequences.sort_unstable();
+        assert_eq!(sequences, (2..=11).collect::<Vec<_>>());
+
+        // A retry (same request id, new tag) gets the first attempt's result.
+        requests
+            .send(streamed(900, Update, "streamed", &bodies[3], 103))
+            .await
+            .unwrap();
+        let retry = next_answer(&mut answers).await.unwrap();
+        assert_eq!(retry.tag, 900);
+        match retry.result {
+            Some(R::Accepted(a)) => assert_eq!(a.sequence, first_of_103),
+            other => panic!("retry: {other:?}"),
+        }
+        assert_eq!(events(&mut client, "streamed").await.len(), 11);
+
+        // SIGTERM: the stream ends cleanly and the process exits although the client keeps its
+        // side of the stream open.
+        let exit = persistence.terminate(Duration::from_secs(30));
+        assert!(exit.expect("exited after SIGTERM").success());
+        assert!(next_answer(&mut answers).await.is_none());
+        drop(requests);
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_share_one_database() {
     with_database(|url| async move {

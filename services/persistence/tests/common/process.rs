@@ -19,7 +19,7 @@ use tonic::transport::Channel;
 
 /// A running `secsync-persistence`, killed on drop.
 pub struct Persistence {
-    child: Child,
+    child: Option<Child>,
     pub url: String,
 }
 
@@ -51,7 +51,7 @@ impl Persistence {
             .recv_timeout(Duration::from_secs(30))
             .expect("secsync-persistence reported its address");
         Self {
-            child,
+            child: Some(child),
             url: format!("http://127.0.0.1:{port}"),
         }
     }
@@ -64,10 +64,39 @@ impl Persistence {
     }
 }
 
+impl Persistence {
+    /// Sends SIGTERM (a graceful shutdown) and waits up to `within` for the process to exit;
+    /// its exit status, `None` when it did not exit in time (it is killed on drop then).
+    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let pid = child.id().to_string();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM failed");
+        let (tx, rx) = mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let status = child.wait();
+            let _ = tx.send(());
+            status
+        });
+        let exited = rx.recv_timeout(within).is_ok();
+        if !exited {
+            // The waiter returns once the process is gone; `kill` by pid ends it.
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        }
+        let status = waiter.join().expect("waiter thread");
+        exited.then(|| status.expect("wait for secsync-persistence"))
+    }
+}
+
 impl Drop for Persistence {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
