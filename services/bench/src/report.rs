@@ -77,10 +77,33 @@ fn parse_cpu_ticks(stat: &str) -> Option<u64> {
     Some(fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?)
 }
 
-/// CPU ticks of every process whose command name is `comm` (e.g. all `postgres` backends).
-pub fn comm_ticks(comm: &str) -> u64 {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
+/// Nanoseconds the threads of a process spent runnable but waiting for a CPU, summed over its
+/// live threads (`/proc/PID/task/*/schedstat`, second field; threads that ended are not counted).
+pub fn run_queue_wait_ns(pid: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|text| parse_run_queue_wait(&text))
+        .sum()
+}
+
+fn parse_run_queue_wait(schedstat: &str) -> Option<u64> {
+    schedstat.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// CPU ticks and run-queue wait (ns) of a process.
+fn usage(pid: &str) -> (u64, u64) {
+    (cpu_ticks(pid).unwrap_or(0), run_queue_wait_ns(pid))
+}
+
+/// [`usage`] summed over every process whose command name is `comm` (e.g. all `postgres`
+/// backends).
+pub fn comm_usage(comm: &str) -> (u64, u64) {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return (0, 0);
     };
     dir.filter_map(Result::ok)
         .filter(|e| {
@@ -92,17 +115,19 @@ pub fn comm_ticks(comm: &str) -> u64 {
         .filter(|e| {
             std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim_end() == comm)
         })
-        .filter_map(|e| cpu_ticks(&e.file_name().to_string_lossy()))
-        .sum()
+        .map(|e| usage(&e.file_name().to_string_lossy()))
+        .fold((0, 0), |(t, w), (t1, w1)| (t + t1, w + w1))
 }
 
-/// Where the CPU went during a phase: the watched processes and this one. (The machine-wide
-/// counters of `/proc/stat` are not used: on this VM they are credited in lumps, seconds late.)
+/// Where the CPU went during a phase: the watched processes and this one, and how long their
+/// threads waited for a CPU while runnable (on 2 shared cores, the part of latency that is
+/// neither work nor I/O). (The machine-wide counters of `/proc/stat` are not used: on this VM
+/// they are credited in lumps, seconds late.)
 #[derive(Debug, Clone)]
 pub struct CpuWatch {
     pids: Vec<(String, String)>,
     comms: Vec<String>,
-    before: Vec<u64>,
+    before: Vec<(u64, u64)>,
     started: std::time::Instant,
 }
 
@@ -119,18 +144,15 @@ impl CpuWatch {
         w
     }
 
-    fn read(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = self
-            .pids
-            .iter()
-            .map(|(_, pid)| cpu_ticks(pid).unwrap_or(0))
-            .collect();
-        v.extend(self.comms.iter().map(|c| comm_ticks(c)));
-        v.push(cpu_ticks("self").unwrap_or(0));
+    fn read(&self) -> Vec<(u64, u64)> {
+        let mut v: Vec<(u64, u64)> = self.pids.iter().map(|(_, pid)| usage(pid)).collect();
+        v.extend(self.comms.iter().map(|c| comm_usage(c)));
+        v.push(usage("self"));
         v
     }
 
-    /// Adds `cpu_seconds` and `wall_seconds` to the report, and a line.
+    /// Adds `cpu_seconds`, `run_queue_wait_seconds` and `wall_seconds` to the report, and two
+    /// lines.
     pub fn finish(self, report: &mut PhaseReport) {
         let after = self.read();
         let names = self
@@ -139,21 +161,29 @@ impl CpuWatch {
             .map(|(n, _)| n.clone())
             .chain(self.comms.iter().map(|c| format!("all {c}")))
             .chain(std::iter::once("secsync-bench".to_owned()));
-        let mut fields = Map::new();
-        let mut parts = Vec::new();
+        let (mut cpu, mut waits) = (Map::new(), Map::new());
+        let (mut cpu_parts, mut wait_parts) = (Vec::new(), Vec::new());
         for ((name, a), b) in names.zip(&after).zip(&self.before) {
-            let secs = a.saturating_sub(*b) as f64 / TICKS_PER_SECOND;
-            parts.push(format!("{name} {secs:.1} s"));
-            fields.insert(name, Value::from((secs * 100.0).round() / 100.0));
+            let secs = a.0.saturating_sub(b.0) as f64 / TICKS_PER_SECOND;
+            let waited = a.1.saturating_sub(b.1) as f64 / 1e9;
+            cpu_parts.push(format!("{name} {secs:.1} s"));
+            wait_parts.push(format!("{name} {waited:.2} s"));
+            cpu.insert(name.clone(), Value::from((secs * 100.0).round() / 100.0));
+            waits.insert(name, Value::from((waited * 1000.0).round() / 1000.0));
         }
         let wall = self.started.elapsed().as_secs_f64();
         report.line(format!(
             "  CPU in {wall:.0} s (of {:.0} core-seconds): {}",
             wall * std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64),
-            parts.join(", ")
+            cpu_parts.join(", ")
+        ));
+        report.line(format!(
+            "  runnable but waiting for a CPU: {}",
+            wait_parts.join(", ")
         ));
         report.set("wall_seconds", (wall * 100.0).round() / 100.0);
-        report.set("cpu_seconds", Value::Object(fields));
+        report.set("cpu_seconds", Value::Object(cpu));
+        report.set("run_queue_wait_seconds", Value::Object(waits));
     }
 }
 
@@ -191,6 +221,23 @@ mod tests {
         assert_eq!(parse_vm_rss("Name: x\n"), None);
         // Our own process always has one.
         assert!(rss_kib(std::process::id()).unwrap() > 0);
+    }
+
+    #[test]
+    fn run_queue_wait_is_the_second_schedstat_field() {
+        assert_eq!(
+            parse_run_queue_wait("186059051 9507105 373\n"),
+            Some(9_507_105)
+        );
+        assert_eq!(parse_run_queue_wait("12"), None);
+        // Every thread of this process has a schedstat to read (its wait may be 0).
+        assert!(std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(Result::ok)
+            .any(|t| parse_run_queue_wait(
+                &std::fs::read_to_string(t.path().join("schedstat")).unwrap()
+            )
+            .is_some()));
     }
 
     #[test]
