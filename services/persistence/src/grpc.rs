@@ -2,6 +2,7 @@
 //! that carries the gateways' writes, and the one mapping of core errors to gRPC statuses.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures::{Stream, StreamExt as _};
 use secsync_protocol::{Clock, Clocks, DocumentId, LoadMode, LoadRequest, SnapshotId};
@@ -53,43 +54,49 @@ impl<B: Backend> PersistenceService<B> {
         Ok(Response::new(submit_response(outcome)))
     }
 
-    /// Serves one `Submit` stream: every request is decided concurrently with the others (each
-    /// document's worker keeps its order) and answered by its tag as soon as it is decided.
-    /// Public so that a wrapper can watch the requests go by (the balancing test counts them).
+    /// Serves one `Submit` stream: every request is decided in a task of its own, concurrently
+    /// with the others (each document's worker keeps its order), and answered by its tag as soon
+    /// as it is decided. A task each, not one task polling them all: parsing a large snapshot
+    /// must not hold up the other writes of the gateway's stream. Public so that a wrapper can
+    /// watch the requests go by (the balancing test counts them).
     pub fn submit_stream<S>(&self, mut requests: S) -> ChunkStream<pb::SubmitResult>
     where
         S: Stream<Item = Result<pb::SubmitRequest, Status>> + Send + Unpin + 'static,
     {
-        use futures::stream::FuturesUnordered;
         let core = self.core.clone();
         let mut closing = self.closing.clone();
         let (results, answers) = mpsc::channel(STREAM_IN_FLIGHT);
         tokio::spawn(async move {
-            let mut deciding = FuturesUnordered::new();
-            let mut reading = true;
+            let deciding = Arc::new(tokio::sync::Semaphore::new(STREAM_IN_FLIGHT));
             loop {
-                tokio::select! {
+                // A permit before reading: past STREAM_IN_FLIGHT undecided requests the stream
+                // is not read.
+                let request = tokio::select! {
                     biased;
-                    Some(result) = deciding.next(), if !deciding.is_empty() => {
-                        // The client is gone: nobody is left to answer.
-                        if results.send(Ok(result)).await.is_err() {
-                            return;
-                        }
+                    () = closed(&mut closing) => break,
+                    request = async {
+                        let permit = deciding.clone().acquire_owned().await.ok()?;
+                        Some((permit, requests.next().await))
+                    } => request,
+                };
+                match request {
+                    Some((permit, Some(Ok(request)))) => {
+                        let (core, results) = (core.clone(), results.clone());
+                        tokio::spawn(async move {
+                            let result = submit_tagged(core, request).await;
+                            // An error: the client is gone, nobody is left to answer.
+                            let _ = results.send(Ok(result)).await;
+                            drop(permit);
+                        });
                     }
-                    () = closed(&mut closing), if reading => reading = false,
-                    request = requests.next(), if reading && deciding.len() < STREAM_IN_FLIGHT => {
-                        match request {
-                            Some(Ok(request)) => deciding.push(submit_tagged(core.clone(), request)),
-                            Some(Err(error)) => {
-                                tracing::debug!(%error, "submit stream broke");
-                                reading = false;
-                            }
-                            None => reading = false,
-                        }
+                    Some((_, Some(Err(error)))) => {
+                        tracing::debug!(%error, "submit stream broke");
+                        break;
                     }
-                    else => return,
+                    Some((_, None)) | None => break,
                 }
             }
+            // The answers end once every request read is answered: each task holds a sender.
         });
         Box::pin(tokio_stream::wrappers::ReceiverStream::new(answers))
     }
