@@ -3,10 +3,12 @@
 //! Starts the service in-process on a loopback port against a fresh database, then runs
 //! `--writers` concurrent writers over `--docs` documents (each writer one author on one
 //! document, sending its next update as soon as the previous one is acknowledged). Every frame is built and signed before the clock starts.
+//! Each update is a unary `SubmitUpdate` call, or with `--stream` a request on one `Submit`
+//! stream shared by all writers (as a gateway sends them).
 //! Prints updates/s and acknowledgement latency percentiles, and a JSON line.
 //!
 //!     cargo bench -p secsync-persistence --bench grpc_throughput -- \
-//!         --writers 64 --docs 16 --seconds 10 [--database-url postgres://…/postgres]
+//!         --writers 64 --docs 16 --seconds 10 [--stream] [--database-url postgres://…/postgres]
 
 #![allow(
     clippy::unwrap_used,
@@ -16,6 +18,9 @@
     clippy::too_many_lines // one linear script: set up, run, report
 )]
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
@@ -33,6 +38,7 @@ use tonic::transport::Channel;
 const WARMUP: usize = 20;
 
 struct Args {
+    stream: bool,
     writers: usize,
     docs: usize,
     seconds: u64,
@@ -43,6 +49,7 @@ struct Args {
 
 fn args() -> Args {
     let mut args = Args {
+        stream: false,
         writers: 64,
         docs: 16,
         seconds: 10,
@@ -61,10 +68,96 @@ fn args() -> Args {
             "--workers" => args.workers = value().parse().unwrap(),
             "--max-batch" => args.max_batch = value().parse().unwrap(),
             "--database-url" => args.admin_url = value(),
+            "--stream" => args.stream = true,
             _ => {} // cargo bench passes its own flags (e.g. --bench)
         }
     }
     args
+}
+
+/// How writers submit: a unary call each, or tagged requests on one shared `Submit` stream.
+#[derive(Clone)]
+enum Submitter {
+    Unary(PersistenceClient<Channel>),
+    Stream(Arc<Shared>),
+}
+
+/// The shared stream: requests go out tagged, a reader task hands each answer to its writer.
+struct Shared {
+    requests: tokio::sync::mpsc::Sender<pb::SubmitRequest>,
+    waiting: Arc<Mutex<HashMap<u64, tokio::sync::oneshot::Sender<pb::SubmitResult>>>>,
+    next_tag: AtomicU64,
+}
+
+impl Submitter {
+    async fn open(client: &PersistenceClient<Channel>, stream: bool) -> Self {
+        if !stream {
+            return Self::Unary(client.clone());
+        }
+        let (requests, queued) = tokio::sync::mpsc::channel(4096);
+        let waiting: Arc<Mutex<HashMap<u64, _>>> = Arc::default();
+        let mut answers = client
+            .clone()
+            .submit(tokio_stream::wrappers::ReceiverStream::new(queued))
+            .await
+            .unwrap()
+            .into_inner();
+        let dispatch = waiting.clone();
+        tokio::spawn(async move {
+            while let Some(answer) = answers.message().await.unwrap() {
+                let sender: tokio::sync::oneshot::Sender<pb::SubmitResult> =
+                    dispatch.lock().unwrap().remove(&answer.tag).unwrap();
+                let _ = sender.send(answer);
+            }
+        });
+        Self::Stream(Arc::new(Shared {
+            requests,
+            waiting,
+            next_tag: AtomicU64::new(0),
+        }))
+    }
+
+    /// Submits an update; whether it was accepted.
+    async fn update(&mut self, doc: &str, body: String) -> bool {
+        match self {
+            Self::Unary(client) => {
+                let response = client
+                    .submit_update(pb::SubmitUpdateRequest {
+                        document_id: doc.to_owned(),
+                        body,
+                        request_id: None,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                matches!(
+                    response.result,
+                    Some(pb::submit_response::Result::Accepted(_))
+                )
+            }
+            Self::Stream(shared) => {
+                let tag = shared.next_tag.fetch_add(1, Ordering::Relaxed);
+                let (sender, answer) = tokio::sync::oneshot::channel();
+                shared.waiting.lock().unwrap().insert(tag, sender);
+                shared
+                    .requests
+                    .send(pb::SubmitRequest {
+                        tag,
+                        kind: pb::SubmitKind::Update as i32,
+                        document_id: doc.to_owned(),
+                        body,
+                        request_id: None,
+                        trace_context: HashMap::new(),
+                    })
+                    .await
+                    .unwrap();
+                matches!(
+                    answer.await.unwrap().result,
+                    Some(pb::submit_result::Result::Accepted(_))
+                )
+            }
+        }
+    }
 }
 
 fn frame(domain: Domain, key: &SigningKey, public_data: &str, n: u64) -> String {
@@ -108,7 +201,8 @@ async fn main() {
     let client = PersistenceClient::new(channel);
 
     // Documents with a first snapshot each, and every update frame, before the clock starts.
-    let per_writer = 200_000 / args.writers.max(1);
+    // Enough for 10 s at the stream's rate (about 20,000 updates/s here).
+    let per_writer = 300_000 / args.writers.max(1);
     let snapshot_key = SigningKey::from_bytes(&[200; 32]);
     let snapshot_pub = PublicKey::from_bytes(snapshot_key.verifying_key().to_bytes());
     for d in 0..args.docs {
@@ -175,20 +269,14 @@ async fn main() {
             (doc, rest)
         })
         .collect();
+    let submitter = Submitter::open(&client, args.stream).await;
     let warming: Vec<_> = warm
         .into_iter()
         .map(|(doc, frames)| {
-            let mut client = client.clone();
+            let mut submitter = submitter.clone();
             tokio::spawn(async move {
                 for body in frames {
-                    client
-                        .submit_update(pb::SubmitUpdateRequest {
-                            document_id: doc.clone(),
-                            body,
-                            request_id: None,
-                        })
-                        .await
-                        .unwrap();
+                    assert!(submitter.update(&doc, body).await, "warm-up update refused");
                 }
             })
         })
@@ -201,7 +289,7 @@ async fn main() {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for (doc, frames) in writers {
-        let mut client = client.clone();
+        let mut submitter = submitter.clone();
         tasks.push(tokio::spawn(async move {
             // Each writer sends its next update when the previous one is acknowledged, as a
             // client does; concurrency comes from the number of writers.
@@ -211,22 +299,7 @@ async fn main() {
                     break;
                 }
                 let t = Instant::now();
-                let response = client
-                    .submit_update(pb::SubmitUpdateRequest {
-                        document_id: doc.clone(),
-                        body,
-                        request_id: None,
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner();
-                assert!(
-                    matches!(
-                        response.result,
-                        Some(pb::submit_response::Result::Accepted(_))
-                    ),
-                    "{response:?}"
-                );
+                assert!(submitter.update(&doc, body).await, "update refused");
                 latencies.push(t.elapsed());
             }
             latencies
@@ -241,8 +314,10 @@ async fn main() {
     let pct =
         |p: f64| latencies[((latencies.len() as f64 - 1.0) * p) as usize].as_secs_f64() * 1000.0;
     let rate = latencies.len() as f64 / elapsed.as_secs_f64();
+    let mode = if args.stream { "stream" } else { "unary" };
     println!(
-        "writers={} docs={} workers={} updates={} in {:.1}s: {:.0} updates/s, ack p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        "{} writers={} docs={} workers={} updates={} in {:.1}s: {:.0} updates/s, ack p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        mode,
         args.writers,
         args.docs,
         args.workers,
@@ -254,7 +329,8 @@ async fn main() {
         pct(1.0)
     );
     println!(
-        "{{\"bench\":\"persistence-grpc\",\"writers\":{},\"docs\":{},\"updates\":{},\"updates_per_s\":{:.0},\"p50_ms\":{:.3},\"p99_ms\":{:.3}}}",
+        "{{\"bench\":\"persistence-grpc\",\"submit\":\"{}\",\"writers\":{},\"docs\":{},\"updates\":{},\"updates_per_s\":{:.0},\"p50_ms\":{:.3},\"p99_ms\":{:.3}}}",
+        mode,
         args.writers,
         args.docs,
         latencies.len(),
