@@ -648,17 +648,13 @@ fn submitted(response: pb::SubmitResponse) -> Result<Submitted, StoreError> {
         Some(pb::submit_response::Result::Accepted(a)) => Ok(Submitted::Accepted {
             sequence: a.sequence,
         }),
-        Some(pb::submit_response::Result::Rejected(r)) => rejected(&r),
+        Some(pb::submit_response::Result::Rejected(r)) => Ok(Submitted::Rejected {
+            reason: Reason::from_code(&r.reason)
+                .ok_or_else(|| StoreError::Failed(format!("unknown reason {}", r.reason)))?,
+            sequence: r.sequence,
+        }),
         None => Err(StoreError::Failed("empty submit response".into())),
     }
-}
-
-fn rejected(r: &pb::Rejected) -> Result<Submitted, StoreError> {
-    Ok(Submitted::Rejected {
-        reason: Reason::from_code(&r.reason)
-            .ok_or_else(|| StoreError::Failed(format!("unknown reason {}", r.reason)))?,
-        sequence: r.sequence,
-    })
 }
 
 /// One attempt of each call, on one address.
@@ -760,10 +756,7 @@ impl GrpcStore {
             other => other?,
         };
         match answer.result {
-            Some(pb::submit_result::Result::Accepted(a)) => Ok(Submitted::Accepted {
-                sequence: a.sequence,
-            }),
-            Some(pb::submit_result::Result::Rejected(r)) => Ok(rejected(&r)?),
+            Some(pb::submit_result::Result::Decided(response)) => Ok(submitted(response)?),
             Some(pb::submit_result::Result::Error(e)) => Err(Failure::Store(store_error(
                 &tonic::Status::new(tonic::Code::from_i32(e.code), e.message),
             ))),

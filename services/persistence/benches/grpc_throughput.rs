@@ -153,7 +153,9 @@ impl Submitter {
                     .unwrap();
                 matches!(
                     answer.await.unwrap().result,
-                    Some(pb::submit_result::Result::Accepted(_))
+                    Some(pb::submit_result::Result::Decided(pb::SubmitResponse {
+                        result: Some(pb::submit_response::Result::Accepted(_)),
+                    }))
                 )
             }
         }

@@ -167,11 +167,7 @@ async fn submit_tagged<B: Backend>(core: Core<B>, request: pb::SubmitRequest) ->
     .instrument(span)
     .await;
     let result = match decided {
-        Ok(Outcome::Accepted { sequence }) => R::Accepted(pb::Accepted { sequence }),
-        Ok(Outcome::Rejected { reason, sequence }) => R::Rejected(pb::Rejected {
-            reason: reason.code().to_owned(),
-            sequence,
-        }),
+        Ok(outcome) => R::Decided(submit_response(outcome)),
         Err(status) => R::Error(pb::SubmitError {
             code: status.code() as i32,
             message: status.message().to_owned(),

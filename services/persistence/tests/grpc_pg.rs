@@ -176,10 +176,10 @@ async fn submit_stream_answers_by_tag_and_ends_on_shutdown() {
             .unwrap();
         let first = next_answer(&mut answers).await.unwrap();
         assert_eq!(first.tag, 7);
-        assert!(matches!(
-            first.result,
-            Some(R::Accepted(pb::Accepted { sequence: 1 }))
-        ));
+        match first.result {
+            Some(R::Decided(response)) => assert_eq!(accepted(&response), 1),
+            other => panic!("snapshot: {other:?}"),
+        }
 
         // Ten authors' first updates, with two bad requests among them.
         let bodies: Vec<String> = (1..=10u8)
@@ -204,17 +204,19 @@ async fn submit_stream_answers_by_tag_and_ends_on_shutdown() {
             assert!(results.insert(answer.tag, answer.result.unwrap()).is_none());
         }
         match &results[&50] {
-            R::Rejected(r) => assert_eq!(r.reason, "wrong-document"),
+            R::Decided(pb::SubmitResponse {
+                result: Some(pb::submit_response::Result::Rejected(r)),
+            }) => assert_eq!(r.reason, "wrong-document"),
             other => panic!("tag 50: {other:?}"),
         }
         match &results[&51] {
             R::Error(e) => assert_eq!(e.code, tonic::Code::InvalidArgument as i32, "{e:?}"),
-            other => panic!("tag 51: {other:?}"),
+            other @ R::Decided(_) => panic!("tag 51: {other:?}"),
         }
         let mut sequences: Vec<u64> = (100..110)
             .map(|tag| match &results[&tag] {
-                R::Accepted(a) => a.sequence,
-                other => panic!("tag {tag}: {other:?}"),
+                R::Decided(response) => accepted(response),
+                other @ R::Error(_) => panic!("tag {tag}: {other:?}"),
             })
             .collect();
         let first_of_103 = sequences[3];
@@ -229,7 +231,7 @@ async fn submit_stream_answers_by_tag_and_ends_on_shutdown() {
         let retry = next_answer(&mut answers).await.unwrap();
         assert_eq!(retry.tag, 900);
         match retry.result {
-            Some(R::Accepted(a)) => assert_eq!(a.sequence, first_of_103),
+            Some(R::Decided(response)) => assert_eq!(accepted(&response), first_of_103),
             other => panic!("retry: {other:?}"),
         }
         assert_eq!(events(&mut client, "streamed").await.len(), 11);
