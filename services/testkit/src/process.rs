@@ -74,6 +74,30 @@ impl Service {
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
         self.child.wait().expect("wait for the process")
     }
+
+    /// SIGTERM, then waits at most `within` for the exit: its status, or `None` when the
+    /// process did not exit in time (it is killed then), so that a shutdown that hangs fails a
+    /// test instead of stalling it.
+    ///
+    /// # Panics
+    /// When the process cannot be waited for.
+    pub fn terminate_within(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        // A thread runs `kill -KILL` once the deadline passes, unless told the wait returned.
+        let (exited, notice) = std::sync::mpsc::channel::<()>();
+        let killer = std::thread::spawn(move || {
+            let late = notice.recv_timeout(within).is_err();
+            if late {
+                let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            }
+            late
+        });
+        let status = self.child.wait().expect("wait for the process");
+        let _ = exited.send(());
+        let late = killer.join().expect("killer thread");
+        (!late).then_some(status)
+    }
 }
 
 impl Drop for Service {

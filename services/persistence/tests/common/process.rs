@@ -8,52 +8,29 @@
     clippy::disallowed_methods
 )]
 
-use std::io::{BufRead as _, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use secsync_rpc::v1::persistence_client::PersistenceClient;
+use secsync_testkit::process::Service;
 use tonic::transport::Channel;
 
 /// A running `secsync-persistence`, killed on drop.
 pub struct Persistence {
-    child: Option<Child>,
+    service: Service,
     pub url: String,
 }
 
 impl Persistence {
     pub fn start(database_url: &str) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_secsync-persistence"))
-            .args(["--listen", "127.0.0.1:0", "--database-url", database_url])
-            .env("SECSYNC_LOG_FORMAT", "json")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start secsync-persistence");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        // Read the bound address from the log, then keep draining so the pipe never fills.
-        std::thread::spawn(move || {
-            let mut sent = false;
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if !sent {
-                    if let Some(port) = listen_port(&line) {
-                        let _ = tx.send(port);
-                        sent = true;
-                    }
-                }
-            }
-        });
-        let port = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("secsync-persistence reported its address");
-        Self {
-            child: Some(child),
-            url: format!("http://127.0.0.1:{port}"),
-        }
+        let service = Service::start(
+            Path::new(env!("CARGO_BIN_EXE_secsync-persistence")),
+            &["--listen", "127.0.0.1:0", "--database-url", database_url],
+            &[("RUST_LOG", "info")],
+        );
+        let url = format!("http://127.0.0.1:{}", service.port);
+        Self { service, url }
     }
 
     pub fn client(&self) -> PersistenceClient<Channel> {
@@ -62,47 +39,11 @@ impl Persistence {
             .connect_lazy();
         PersistenceClient::new(channel)
     }
-}
 
-impl Persistence {
-    /// Sends SIGTERM (a graceful shutdown) and waits up to `within` for the process to exit;
-    /// its exit status, `None` when it did not exit in time (it is killed on drop then).
+    /// SIGTERM (a graceful shutdown); the exit status, `None` when it did not exit `within`.
     pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let mut child = self.child.take()?;
-        let pid = child.id().to_string();
-        let sent = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("run kill");
-        assert!(sent.success(), "kill -TERM failed");
-        let (tx, rx) = mpsc::channel();
-        let waiter = std::thread::spawn(move || {
-            let status = child.wait();
-            let _ = tx.send(());
-            status
-        });
-        let exited = rx.recv_timeout(within).is_ok();
-        if !exited {
-            // The waiter returns once the process is gone; `kill` by pid ends it.
-            let _ = Command::new("kill").args(["-KILL", &pid]).status();
-        }
-        let status = waiter.join().expect("waiter thread");
-        exited.then(|| status.expect("wait for secsync-persistence"))
+        self.service.terminate_within(within)
     }
-}
-
-impl Drop for Persistence {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn listen_port(line: &str) -> Option<u16> {
-    let start = line.find("\"listen\":\"127.0.0.1:")? + "\"listen\":\"127.0.0.1:".len();
-    line[start..].split('"').next()?.parse().ok()
 }
 
 /// A private PostgreSQL cluster on a free port, owned by the `postgres` user (Postgres refuses
