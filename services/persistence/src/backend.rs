@@ -2,8 +2,9 @@
 //!
 //! A backend stores rows and takes locks; it decides nothing. The core (see [`crate::core`])
 //! opens a [`WriteTx`], locks the documents of a batch, asks the protocol crate's rules about each
-//! message and writes what they accept; loads go through a [`ReadTx`], one consistent view of the
-//! database. Postgres ([`crate::postgres`]) and SQLite ([`crate::sqlite`], for the embedded
+//! message and writes what they accept. A batch of updates that the core's cached rule states
+//! decide is written by [`Backend::append_updates`] instead, on the condition that no document
+//! moved meanwhile. Loads go through a [`ReadTx`], one consistent view of the database. Postgres ([`crate::postgres`]) and SQLite ([`crate::sqlite`], for the embedded
 //! single-node binary) implement the same traits; the core does not know which it runs on.
 
 use std::collections::HashMap;
@@ -108,6 +109,38 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         ids: &[DocumentId],
     ) -> impl Future<Output = Result<HashMap<DocumentId, u64>, BackendError>> + Send;
+
+    /// Stores updates and moves heads durably, in one step, if every document in `expected`
+    /// (sorted by id) is still at the listed head: `Ok(true)` when written, `Ok(false)` with
+    /// nothing written when any head moved (another replica wrote). The core calls it when its
+    /// cached rule states decided a whole batch, so the usual write needs no reads. The default
+    /// runs the steps of a locked transaction; a backend may do it in one statement.
+    fn append_updates(
+        &self,
+        expected: &[(&DocumentId, u64)],
+        rows: &[UpdateRow<'_>],
+        heads: &[(&DocumentId, &DocumentHead)],
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send {
+        async move {
+            let mut tx = self.begin_write().await?;
+            let ids: Vec<&DocumentId> = expected.iter().map(|(doc, _)| *doc).collect();
+            let found = tx.lock_documents(&ids).await?;
+            let unmoved = expected
+                .iter()
+                .all(|(doc, seq)| found.get(*doc).map(|h| h.head_seq) == Some(*seq));
+            if !unmoved {
+                return Ok(false);
+            }
+            if !rows.is_empty() {
+                tx.insert_updates(rows).await?;
+            }
+            if !heads.is_empty() {
+                tx.set_heads(heads).await?;
+            }
+            tx.commit().await?;
+            Ok(true)
+        }
+    }
 }
 
 /// A write transaction. Dropping it without [`WriteTx::commit`] rolls it back.

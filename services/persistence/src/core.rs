@@ -8,6 +8,11 @@
 //! is written before the rules accepted it. Order is guaranteed by the row locks, not by the
 //! queue, so several persistence replicas on one database stay correct.
 //!
+//! The usual batch (updates to documents whose rule state the core keeps from its last commit)
+//! skips the reads: the rules run on the kept states and the backend writes in one step that
+//! locks the documents and checks their heads first; a head another replica moved sends the
+//! batch down the locked path above instead.
+//!
 //! A submission may carry a request id; a retry with an id already stored gets the sequence
 //! number of the first acceptance instead of a clock error, so a gRPC call retried after a lost
 //! response never turns a committed message into a failure or a duplicate.
@@ -424,13 +429,16 @@ impl<B: Backend> Inner<B> {
 
     /// Runs one batch in one transaction; returns one outcome per work, in order.
     async fn commit_batch(&self, works: &[Work]) -> Result<Vec<Outcome>, BackendError> {
-        let mut tx = self.backend.begin_write().await?;
         let docs: Vec<&DocumentId> = works
             .iter()
             .map(|w| &w.doc)
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
+        if let Some(outcomes) = self.append_from_cache(works, &docs).await? {
+            return Ok(outcomes);
+        }
+        let mut tx = self.backend.begin_write().await?;
         let heads = tx.lock_documents(&docs).await?;
         if heads.len() < docs.len() {
             // Create missing documents outside this transaction, then start again: creating
@@ -451,8 +459,12 @@ impl<B: Backend> Inner<B> {
         let mut new_states = Vec::new();
         for doc in docs {
             let head = &heads[doc];
+            let state = match self.cached_state(doc, head.head_seq) {
+                Some(state) => state,
+                None => tx.load_state(doc, head).await?,
+            };
             if let Some(state) = self
-                .apply_to_document(&mut tx, doc, head, works, &mut batch)
+                .apply_to_document(Some(&mut tx), doc, head, state, works, &mut batch)
                 .await?
             {
                 new_states.push(state);
@@ -500,31 +512,100 @@ impl<B: Backend> Inner<B> {
         tx.commit().await?;
         self.advance_loads(works, &outcomes, &heads, &new_states);
         self.remember_states(new_states);
-        Ok(outcomes
-            .into_iter()
-            .map(|o| {
-                o.unwrap_or(Outcome::Rejected {
-                    reason: Reason::Unavailable,
-                    sequence: 0,
-                })
-            })
-            .collect())
+        Ok(decided(outcomes))
+    }
+
+    /// The usual batch in one database step: only updates, to documents whose rule state is
+    /// cached. The rules run on the cached states, and the backend writes only if no head moved
+    /// since (another replica wrote); the locked path reads them again. `None`: take the
+    /// locked path, nothing was written.
+    async fn append_from_cache(
+        &self,
+        works: &[Work],
+        docs: &[&DocumentId],
+    ) -> Result<Option<Vec<Outcome>>, BackendError> {
+        if works
+            .iter()
+            .any(|w| matches!(w.message, Message::Snapshot(_)))
+        {
+            return Ok(None);
+        }
+        let mut cached = Vec::with_capacity(docs.len());
+        {
+            let Ok(states) = self.states.lock() else {
+                return Ok(None);
+            };
+            for doc in docs {
+                match states.get(*doc) {
+                    Some((seq, state)) => cached.push((*seq, state.clone())),
+                    None => return Ok(None),
+                }
+            }
+        }
+        let mut batch = BatchState {
+            outcomes: vec![None; works.len()],
+            accepted_requests: HashMap::new(),
+            update_rows: Vec::new(),
+        };
+        let mut heads = HashMap::with_capacity(docs.len());
+        let mut new_states = Vec::new();
+        for (doc, (head_seq, state)) in docs.iter().zip(cached) {
+            let head = DocumentHead {
+                head_seq,
+                active_snapshot_id: state.active.as_ref().map(|a| a.id.clone()),
+            };
+            if let Some(changed) = self
+                .apply_to_document(None, doc, &head, state, works, &mut batch)
+                .await?
+            {
+                new_states.push(changed);
+            }
+            heads.insert((*doc).clone(), head);
+        }
+        let BatchState {
+            outcomes,
+            update_rows,
+            ..
+        } = batch;
+        // A refused request may be the retry of an earlier acceptance; the locked path looks
+        // it up under the documents' locks.
+        let refused_request = works.iter().zip(&outcomes).any(|(work, outcome)| {
+            work.request_id.is_some() && matches!(outcome, Some(Outcome::Rejected { .. }))
+        });
+        if refused_request {
+            return Ok(None);
+        }
+        let expected: Vec<(&DocumentId, u64)> =
+            docs.iter().map(|d| (*d, heads[*d].head_seq)).collect();
+        let new_heads: Vec<(&DocumentId, &DocumentHead)> = new_states
+            .iter()
+            .map(|(doc, head, _)| (*doc, head))
+            .collect();
+        if !self
+            .backend
+            .append_updates(&expected, &update_rows, &new_heads)
+            .await?
+        {
+            return Ok(None);
+        }
+        self.advance_loads(works, &outcomes, &heads, &new_states);
+        self.remember_states(new_states);
+        Ok(Some(decided(outcomes)))
     }
 
     /// Runs the works of one locked document through the rules, in queue order. Returns the
     /// document's new head and state when anything was accepted.
+    /// `tx` is the locked transaction; without one (see [`Self::append_from_cache`]) the works
+    /// must all be updates.
     async fn apply_to_document<'w>(
         &self,
-        tx: &mut B::Write,
+        mut tx: Option<&mut B::Write>,
         doc: &'w DocumentId,
         head: &DocumentHead,
+        mut state: DocumentState,
         works: &'w [Work],
         batch: &mut BatchState<'w>,
     ) -> Result<Option<(&'w DocumentId, DocumentHead, DocumentState)>, BackendError> {
-        let mut state = match self.cached_state(doc, head.head_seq) {
-            Some(state) => state,
-            None => tx.load_state(doc, head).await?,
-        };
         let mut seq = head.head_seq;
         for (i, work) in works.iter().enumerate().filter(|(_, w)| &w.doc == doc) {
             // The same request twice in one batch (a retry overtaking its first attempt).
@@ -536,6 +617,11 @@ impl<B: Backend> Inner<B> {
             }
             let outcome = match &work.message {
                 Message::Snapshot(msg) => {
+                    let Some(tx) = tx.as_deref_mut() else {
+                        return Err(BackendError::Other(
+                            "a snapshot reached the write path without a lock".into(),
+                        ));
+                    };
                     self.apply_snapshot(tx, &mut state, doc, msg, work, &mut seq)
                         .await?
                 }
@@ -682,6 +768,19 @@ impl<B: Backend> Inner<B> {
             }
         }
     }
+}
+
+/// Every work's outcome; one left undecided is a bug answered as "unavailable".
+fn decided(outcomes: Vec<Option<Outcome>>) -> Vec<Outcome> {
+    outcomes
+        .into_iter()
+        .map(|o| {
+            o.unwrap_or(Outcome::Rejected {
+                reason: Reason::Unavailable,
+                sequence: 0,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

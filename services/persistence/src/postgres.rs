@@ -23,6 +23,9 @@ use crate::backend::{
     UpdateRow, WriteTx,
 };
 
+/// A pooled connection idle for longer is checked before use.
+const IDLE_CHECK_AFTER: Duration = Duration::from_secs(1);
+
 /// Connection settings of the backend.
 #[derive(Debug, Clone)]
 pub struct PgSettings {
@@ -65,6 +68,16 @@ impl PgBackend {
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)
             .acquire_timeout(settings.acquire_timeout)
+            // sqlx checks every connection with a round trip when it goes back to the pool;
+            // checking again when it is taken out doubles that on every batch. Only one that
+            // sat idle (through a database restart, say) is checked before use.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    Ok(meta.idle_for < IDLE_CHECK_AFTER
+                        || sqlx::Connection::ping(conn).await.is_ok())
+                })
+            })
             .connect_lazy_with(options);
         Ok(Self { pool })
     }
@@ -208,6 +221,94 @@ impl Backend for PgBackend {
             })
             .collect()
     }
+
+    /// One statement, so one round trip and no explicit transaction: it locks the documents,
+    /// compares their heads and writes only when they match.
+    async fn append_updates(
+        &self,
+        expected: &[(&DocumentId, u64)],
+        rows: &[UpdateRow<'_>],
+        heads: &[(&DocumentId, &DocumentHead)],
+    ) -> Result<bool, BackendError> {
+        let ids: Vec<&str> = expected.iter().map(|(d, _)| d.as_str()).collect();
+        let seqs: Vec<i64> = expected.iter().map(|(_, s)| to_i64(*s)).collect();
+        let query = sqlx::query(sql::APPEND_UPDATES).bind(ids).bind(seqs);
+        let query = HeadColumns::of(heads).bind(UpdateColumns::of(rows).bind(query));
+        let row = query.fetch_one(&self.pool).await.map_err(map_error)?;
+        Ok(row.get::<bool, _>("written"))
+    }
+}
+
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// Update rows as the column arrays `UNNEST` takes (`INSERT_UPDATES`, `APPEND_UPDATES`).
+struct UpdateColumns<'a> {
+    docs: Vec<&'a str>,
+    snapshots: Vec<&'a str>,
+    seqs: Vec<i64>,
+    versions: Vec<i64>,
+    keys: Vec<&'a str>,
+    clocks: Vec<i64>,
+    bodies: Vec<&'a str>,
+    requests: Vec<Option<&'a str>>,
+}
+
+impl<'a> UpdateColumns<'a> {
+    fn of(rows: &[UpdateRow<'a>]) -> Self {
+        Self {
+            docs: rows.iter().map(|r| r.document_id.as_str()).collect(),
+            snapshots: rows.iter().map(|r| r.snapshot_id.as_str()).collect(),
+            seqs: rows.iter().map(|r| to_i64(r.seq)).collect(),
+            versions: rows.iter().map(|r| to_i64(r.version)).collect(),
+            keys: rows.iter().map(|r| r.pub_key).collect(),
+            clocks: rows.iter().map(|r| to_i64(r.clock.get())).collect(),
+            bodies: rows.iter().map(|r| r.body).collect(),
+            requests: rows.iter().map(|r| r.request_id).collect(),
+        }
+    }
+
+    /// Binds the eight arrays, in the statements' column order.
+    fn bind<'q>(self, query: PgQuery<'q>) -> PgQuery<'q>
+    where
+        'a: 'q,
+    {
+        query
+            .bind(self.docs)
+            .bind(self.snapshots)
+            .bind(self.seqs)
+            .bind(self.versions)
+            .bind(self.keys)
+            .bind(self.clocks)
+            .bind(self.bodies)
+            .bind(self.requests)
+    }
+}
+
+/// New heads as the column arrays `UNNEST` takes (`SET_HEADS`, `APPEND_UPDATES`).
+struct HeadColumns<'a> {
+    ids: Vec<&'a str>,
+    seqs: Vec<i64>,
+    active: Vec<Option<&'a str>>,
+}
+
+impl<'a> HeadColumns<'a> {
+    fn of(heads: &[(&'a DocumentId, &'a DocumentHead)]) -> Self {
+        Self {
+            ids: heads.iter().map(|(d, _)| d.as_str()).collect(),
+            seqs: heads.iter().map(|(_, h)| to_i64(h.head_seq)).collect(),
+            active: heads
+                .iter()
+                .map(|(_, h)| h.active_snapshot_id.as_ref().map(SnapshotId::as_str))
+                .collect(),
+        }
+    }
+
+    fn bind<'q>(self, query: PgQuery<'q>) -> PgQuery<'q>
+    where
+        'a: 'q,
+    {
+        query.bind(self.ids).bind(self.seqs).bind(self.active)
+    }
 }
 
 impl WriteTx for PgWrite {
@@ -319,34 +420,9 @@ impl WriteTx for PgWrite {
     }
 
     async fn insert_updates(&mut self, rows: &[UpdateRow<'_>]) -> Result<(), BackendError> {
-        let mut docs = Vec::with_capacity(rows.len());
-        let mut snapshots = Vec::with_capacity(rows.len());
-        let mut seqs = Vec::with_capacity(rows.len());
-        let mut versions = Vec::with_capacity(rows.len());
-        let mut keys = Vec::with_capacity(rows.len());
-        let mut clocks = Vec::with_capacity(rows.len());
-        let mut bodies = Vec::with_capacity(rows.len());
-        let mut requests = Vec::with_capacity(rows.len());
-        for row in rows {
-            docs.push(row.document_id.as_str());
-            snapshots.push(row.snapshot_id.as_str());
-            seqs.push(to_i64(row.seq));
-            versions.push(to_i64(row.version));
-            keys.push(row.pub_key);
-            clocks.push(to_i64(row.clock.get()));
-            bodies.push(row.body);
-            requests.push(row.request_id);
-        }
         // One statement for the whole batch.
-        sqlx::query(sql::INSERT_UPDATES)
-            .bind(&docs)
-            .bind(&snapshots)
-            .bind(&seqs)
-            .bind(&versions)
-            .bind(&keys)
-            .bind(&clocks)
-            .bind(&bodies)
-            .bind(&requests)
+        UpdateColumns::of(rows)
+            .bind(sqlx::query(sql::INSERT_UPDATES))
             .execute(&mut *self.0)
             .await
             .map_err(map_error)?;
@@ -357,16 +433,8 @@ impl WriteTx for PgWrite {
         &mut self,
         heads: &[(&DocumentId, &DocumentHead)],
     ) -> Result<(), BackendError> {
-        let ids: Vec<&str> = heads.iter().map(|(d, _)| d.as_str()).collect();
-        let seqs: Vec<i64> = heads.iter().map(|(_, h)| to_i64(h.head_seq)).collect();
-        let active: Vec<Option<&str>> = heads
-            .iter()
-            .map(|(_, h)| h.active_snapshot_id.as_ref().map(SnapshotId::as_str))
-            .collect();
-        sqlx::query(sql::SET_HEADS)
-            .bind(&ids)
-            .bind(&seqs)
-            .bind(&active)
+        HeadColumns::of(heads)
+            .bind(sqlx::query(sql::SET_HEADS))
             .execute(&mut *self.0)
             .await
             .map_err(map_error)?;

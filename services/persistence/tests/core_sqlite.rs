@@ -10,7 +10,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{sqlite_backend, Author, ScratchDir};
+use common::{seed_document, sqlite_backend, Author, ScratchDir};
 use secsync_persistence::backend::{Backend, BackendError, ReadTx as _, SnapshotRow, WriteTx as _};
 use secsync_persistence::sqlite::{recommended_core_options, SqliteBackend, SqliteSettings};
 use secsync_persistence::{Core, CoreOptions, Kind, Outcome};
@@ -377,18 +377,7 @@ async fn a_load_sees_one_state_while_writes_commit() {
     let core = Core::start(backend.clone(), recommended_core_options());
     let a = Author::new(1);
     let d = doc("d");
-    core.load(&d, &LoadRequest::default(), true).await.unwrap();
-    let s1 = a.snapshot("d", "S1", None, &[]);
-    accepted(
-        core.submit(d.clone(), Kind::Snapshot, &s1.body, None)
-            .await
-            .unwrap(),
-    );
-    accepted(
-        core.submit(d.clone(), Kind::Update, &a.update("d", "S1", 0), None)
-            .await
-            .unwrap(),
-    );
+    seed_document(&core, &a, "d", 1).await;
     let s1_id = SnapshotId::parse("S1").unwrap();
     let mut read = backend.begin_read().await.unwrap();
     assert_eq!(read.document(&d).await.unwrap().unwrap().head_seq, 2);

@@ -9,7 +9,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::Author;
+use common::{seed_document, Author};
 use secsync_persistence::backend::Backend;
 use secsync_persistence::postgres::sql;
 use secsync_persistence::{Core, CoreOptions, Kind, Outcome};
@@ -479,21 +479,7 @@ async fn cached_loads_match_the_database_beside_another_replica<B: Backend + Clo
             }
         }
     };
-    core.load(&d, &LoadRequest::default(), true).await.unwrap();
-    let s1 = a.snapshot("d", "S1", None, &[]);
-    accepted(
-        core.submit(d.clone(), Kind::Snapshot, &s1.body, None)
-            .await
-            .unwrap(),
-    );
-    for clock in 0..3 {
-        let update = a.update("d", "S1", clock);
-        accepted(
-            core.submit(d.clone(), Kind::Update, &update, None)
-                .await
-                .unwrap(),
-        );
-    }
+    let s1 = seed_document(&core, &a, "d", 3).await;
     same("own writes").await;
     for clock in 3..5 {
         let update = a.update("d", "S1", clock);
@@ -547,6 +533,38 @@ async fn cached_loads_match_the_database_beside_another_replica<B: Backend + Clo
             .unwrap(),
     );
     same("own snapshot and updates").await;
+}
+
+/// A core decides a batch from its cached rule state only while the document is where that
+/// state left it: after another replica wrote, neither a refusal nor an acceptance of the stale
+/// state stands. (The refused batch writes nothing, so only the head check catches it.)
+async fn a_stale_cached_state_decides_nothing<B: Backend + Clone>(core: Core<B>) {
+    let replica = Core::start(core.backend().clone(), CoreOptions::default());
+    let a = Author::new(1);
+    let d = doc("d");
+    seed_document(&core, &a, "d", 2).await;
+    let update = |core: &Core<B>, clock: u64| {
+        let (core, d, body) = (core.clone(), d.clone(), a.update("d", "S1", clock));
+        async move { core.submit(d, Kind::Update, &body, None).await.unwrap() }
+    };
+    // This core's cache now expects clock 2 next; the replica takes clocks 2 and 3.
+    for clock in 2..4 {
+        assert_eq!(accepted(update(&replica, clock).await), clock + 2);
+    }
+    // Clock 4 would be a gap for the cached state, and is the next clock in truth.
+    assert_eq!(accepted(update(&core, 4).await), 6);
+    // The replica's cache is stale now: clock 4 again is taken, clock 5 is next.
+    assert_eq!(
+        rejected(update(&replica, 4).await),
+        Reason::UpdateWrongClock
+    );
+    assert_eq!(accepted(update(&replica, 5).await), 7);
+    let loaded = core.load(&d, &LoadRequest::default(), false).await.unwrap();
+    assert_eq!(loaded.sequence, 7);
+    assert_eq!(
+        clocks_of(&loaded.updates),
+        (0..6).map(|c| (a.pub_key.clone(), c)).collect::<Vec<_>>()
+    );
 }
 
 /// 20 writers on one document and 100 documents at once: no valid update rejected, sequence
@@ -704,6 +722,7 @@ on_each_backend! {
     #[tokio::test] snapshot_rules_and_recovery_loads,
     #[tokio::test] retried_requests_return_the_first_result,
     #[tokio::test] cached_loads_match_the_database_beside_another_replica,
+    #[tokio::test] a_stale_cached_state_decides_nothing,
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)] concurrent_writers_are_never_rejected,
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)] snapshot_races_have_one_winner,
 }

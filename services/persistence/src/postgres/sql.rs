@@ -60,6 +60,25 @@ pub const SET_HEADS: &str = "UPDATE documents SET head_seq = v.seq, active_snaps
     FROM UNNEST($1::text[], $2::int8[], $3::text[]) AS v(id, seq, active) \
     WHERE documents.id = v.id";
 
+/// Stores a batch's updates and moves its documents' heads, in one statement (so without an
+/// explicit transaction), only if every document is still at the head the core expects
+/// (`$1`/`$2`, sorted): the rows are locked in sorted order like `LOCK_DOCUMENTS`, and both
+/// writes wait for the verdict. `$3`..`$10` are `INSERT_UPDATES`'s arrays, `$11`..`$13`
+/// `SET_HEADS`'s.
+pub const APPEND_UPDATES: &str =
+    "WITH expected AS (SELECT * FROM UNNEST($1::text[], $2::int8[]) AS e(id, seq)), \
+    locked AS (SELECT id, head_seq FROM documents WHERE id = ANY($1) ORDER BY id FOR UPDATE), \
+    verdict AS (SELECT count(*) = cardinality($1::text[]) AS ok \
+        FROM locked JOIN expected USING (id) WHERE locked.head_seq = expected.seq), \
+    inserted AS (INSERT INTO updates \
+        (document_id, snapshot_id, seq, version, pub_key, clock, body, request_id) \
+        SELECT * FROM UNNEST($3::text[], $4::text[], $5::int8[], $6::int8[], $7::text[], \
+        $8::int8[], $9::text[], $10::text[]) WHERE (SELECT ok FROM verdict)), \
+    moved AS (UPDATE documents SET head_seq = v.seq, active_snapshot_id = v.active \
+        FROM UNNEST($11::text[], $12::int8[], $13::text[]) AS v(id, seq, active) \
+        WHERE documents.id = v.id AND (SELECT ok FROM verdict)) \
+    SELECT ok AS written FROM verdict";
+
 /// A document's head and active snapshot.
 pub const DOCUMENT: &str = "SELECT head_seq, active_snapshot_id FROM documents WHERE id = $1";
 
@@ -88,6 +107,7 @@ pub const PLANNED: &[&str] = &[
     INSERT_SNAPSHOT,
     INSERT_UPDATES,
     SET_HEADS,
+    APPEND_UPDATES,
     DOCUMENT,
     SNAPSHOT_BODY,
     UPDATES,

@@ -201,3 +201,26 @@ pub struct Snap {
     pub info: ProofEntry,
     pub body: String,
 }
+
+/// Creates `doc`; `author` stores its first snapshot `S1` (returned) and updates with clocks
+/// `0..updates` on it, each accepted.
+pub async fn seed_document<B: secsync_persistence::backend::Backend>(
+    core: &secsync_persistence::Core<B>,
+    author: &Author,
+    doc: &str,
+    updates: u64,
+) -> Snap {
+    use secsync_persistence::{Kind, Outcome};
+    let d = DocumentId::parse(doc).unwrap();
+    core.load(&d, &secsync_protocol::LoadRequest::default(), true)
+        .await
+        .unwrap();
+    let s1 = author.snapshot(doc, "S1", None, &[]);
+    let mut frames = vec![(Kind::Snapshot, s1.body.clone())];
+    frames.extend((0..updates).map(|clock| (Kind::Update, author.update(doc, "S1", clock))));
+    for (kind, body) in frames {
+        let outcome = core.submit(d.clone(), kind, &body, None).await.unwrap();
+        assert!(matches!(outcome, Outcome::Accepted { .. }), "{outcome:?}");
+    }
+    s1
+}
