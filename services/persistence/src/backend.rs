@@ -104,6 +104,13 @@ pub trait Backend: Send + Sync + 'static {
         limit: u32,
     ) -> impl Future<Output = Result<Vec<StoredEvent>, BackendError>> + Send;
 
+    /// A document's row, read alone (no transaction): a load whose head is in the load cache
+    /// needs nothing else.
+    fn document(
+        &self,
+        doc: &DocumentId,
+    ) -> impl Future<Output = Result<Option<DocumentHead>, BackendError>> + Send;
+
     /// Head sequence numbers of the listed documents that exist.
     fn heads(
         &self,

@@ -252,6 +252,13 @@ impl<B: Backend> Core<B> {
         cache_hit: &mut Option<bool>,
     ) -> Result<LoadedDocument, CoreError> {
         let backend = &self.inner.backend;
+        // The usual load: the head alone, then the load cache entry for it.
+        if let Some(head) = backend.document(doc).await? {
+            if let Some(loaded) = self.cached_load(doc, &head, request) {
+                *cache_hit = head.active_snapshot_id.is_some().then_some(true);
+                return Ok(loaded);
+            }
+        }
         let mut tx = backend.begin_read().await?;
         let head = match tx.document(doc).await? {
             Some(head) => head,
@@ -313,6 +320,39 @@ impl<B: Backend> Core<B> {
             }
         };
         Ok(loaded)
+    }
+
+    /// A load answered from the load cache at `head`, when it needs no other read (a proof
+    /// chain is read from the database).
+    fn cached_load(
+        &self,
+        doc: &DocumentId,
+        head: &DocumentHead,
+        request: &LoadRequest,
+    ) -> Option<LoadedDocument> {
+        let plan = plan_load(head.active_snapshot_id.as_ref(), request);
+        let chain = match plan.chain {
+            ChainPlan::Omit => None,
+            ChainPlan::Empty => Some(Vec::new()),
+            ChainPlan::From(_) => return None,
+        };
+        let mut loaded = LoadedDocument {
+            found: true,
+            sequence: head.head_seq,
+            active_snapshot_id: head.active_snapshot_id.clone(),
+            chain,
+            ..LoadedDocument::default()
+        };
+        if let Some(active) = &head.active_snapshot_id {
+            let select = |key: &str, clock| plan.updates.wants(key, clock);
+            let (snapshot, updates) =
+                self.inner
+                    .loads
+                    .get(doc, head.head_seq, active, plan.include_snapshot, select)?;
+            loaded.snapshot = snapshot;
+            loaded.updates = updates;
+        }
+        Some(loaded)
     }
 
     /// Accepted messages after `after_seq`, in order (for gap repair).

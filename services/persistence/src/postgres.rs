@@ -205,6 +205,15 @@ impl Backend for PgBackend {
             .collect())
     }
 
+    async fn document(&self, doc: &DocumentId) -> Result<Option<DocumentHead>, BackendError> {
+        let row = sqlx::query(sql::DOCUMENT)
+            .bind(doc.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_error)?;
+        row.as_ref().map(head_of).transpose()
+    }
+
     async fn heads(&self, ids: &[DocumentId]) -> Result<HashMap<DocumentId, u64>, BackendError> {
         let names: Vec<&str> = ids.iter().map(DocumentId::as_str).collect();
         let rows = sqlx::query(sql::HEADS)
@@ -446,6 +455,15 @@ impl WriteTx for PgWrite {
     }
 }
 
+/// A `DOCUMENT` row.
+fn head_of(row: &sqlx::postgres::PgRow) -> Result<DocumentHead, BackendError> {
+    let active: Option<String> = row.get("active_snapshot_id");
+    Ok(DocumentHead {
+        head_seq: to_u64(row.get("head_seq")),
+        active_snapshot_id: active.as_deref().map(snapshot_id).transpose()?,
+    })
+}
+
 impl ReadTx for PgRead {
     async fn document(&mut self, doc: &DocumentId) -> Result<Option<DocumentHead>, BackendError> {
         let row = sqlx::query(sql::DOCUMENT)
@@ -453,14 +471,7 @@ impl ReadTx for PgRead {
             .fetch_optional(&mut *self.0)
             .await
             .map_err(map_error)?;
-        row.map(|row| {
-            let active: Option<String> = row.get("active_snapshot_id");
-            Ok(DocumentHead {
-                head_seq: to_u64(row.get("head_seq")),
-                active_snapshot_id: active.as_deref().map(snapshot_id).transpose()?,
-            })
-        })
-        .transpose()
+        row.as_ref().map(head_of).transpose()
     }
 
     async fn snapshot_body(

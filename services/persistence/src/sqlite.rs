@@ -272,6 +272,9 @@ fn clock(n: i64) -> Result<Clock, BackendError> {
 }
 
 /// A document row (`head_seq`, `active_snapshot_id`) as a head.
+/// A document's head and active snapshot.
+const DOCUMENT: &str = "SELECT head_seq, active_snapshot_id FROM documents WHERE id = ?1";
+
 fn head_of(row: &SqliteRow) -> Result<DocumentHead, BackendError> {
     let active: Option<String> = column(row, "active_snapshot_id")?;
     Ok(DocumentHead {
@@ -363,6 +366,15 @@ impl Backend for SqliteBackend {
                 })
             })
             .collect()
+    }
+
+    async fn document(&self, doc: &DocumentId) -> Result<Option<DocumentHead>, BackendError> {
+        let row = sqlx::query(DOCUMENT)
+            .bind(doc.as_str())
+            .fetch_optional(&self.read)
+            .await
+            .map_err(map_error)?;
+        row.as_ref().map(head_of).transpose()
     }
 
     async fn heads(&self, ids: &[DocumentId]) -> Result<HashMap<DocumentId, u64>, BackendError> {
@@ -585,7 +597,7 @@ impl WriteTx for SqliteWrite {
 
 impl ReadTx for SqliteRead {
     async fn document(&mut self, doc: &DocumentId) -> Result<Option<DocumentHead>, BackendError> {
-        let row = sqlx::query("SELECT head_seq, active_snapshot_id FROM documents WHERE id = ?1")
+        let row = sqlx::query(DOCUMENT)
             .bind(doc.as_str())
             .fetch_optional(&mut *self.0)
             .await
