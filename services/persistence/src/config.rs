@@ -104,6 +104,11 @@ pub struct CoreArgs {
     #[arg(long, env = "SECSYNC_BATCH_WORKERS")]
     pub batch_workers: Option<usize>,
 
+    /// Milliseconds a worker's batch waits for another worker's commit to end before
+    /// committing alongside it (0: never waits). Waiting makes fewer, larger commits.
+    #[arg(long, env = "SECSYNC_COMMIT_OVERLAP_MS", default_value_t = 5)]
+    pub commit_overlap_ms: u64,
+
     /// MiB of documents kept in memory to serve loads without reading every update again
     /// (0 turns it off).
     #[arg(long, env = "SECSYNC_LOAD_CACHE_MIB", default_value_t = 256)]
@@ -119,6 +124,7 @@ impl CoreArgs {
             },
             max_batch: self.batch_max,
             workers: self.batch_workers.unwrap_or(defaults.workers),
+            commit_overlap_after: std::time::Duration::from_millis(self.commit_overlap_ms),
             load_cache_bytes: self.load_cache_mib.saturating_mul(1024 * 1024),
             ..defaults
         }

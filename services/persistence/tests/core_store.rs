@@ -789,3 +789,69 @@ async fn postgres_statements_read_by_index_even_when_planned_on_empty_tables() {
     })
     .await;
 }
+
+/// Workers commit one at a time while commits are short, but a commit that hangs (here: a
+/// document row locked by another connection) holds the other worker's documents back for
+/// `commit_overlap_after` only, not until it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_commit_holds_other_workers_back_only_briefly() {
+    use futures::stream::{FuturesUnordered, StreamExt as _};
+    use std::time::Duration;
+
+    common::with_pg_backend(|backend| async move {
+        let core = Core::start(backend.clone(), CoreOptions::default());
+        let a = Author::new(1);
+        let others: Vec<String> = (0..8).map(|i| format!("y-{i}")).collect();
+        seed_document(&core, &a, "x", 0).await;
+        for name in &others {
+            seed_document(&core, &a, name, 0).await;
+        }
+        let mut lock = backend.pool().begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM documents WHERE id = 'x' FOR UPDATE")
+            .execute(&mut *lock)
+            .await
+            .unwrap();
+        let hanging = tokio::spawn({
+            let (core, body) = (core.clone(), a.update("x", "S1", 0));
+            async move { core.submit(doc("x"), Kind::Update, &body, None).await }
+        });
+        // The commit of x waits for the lock: one backend of this database waits on a lock.
+        let waiting = async {
+            loop {
+                let n: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .fetch_one(backend.pool())
+                .await
+                .unwrap();
+                if n > 0 {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the commit of x never waited for the lock");
+        // Documents of the other worker commit meanwhile (those of x's worker queue behind it).
+        let mut updates: FuturesUnordered<_> = others
+            .iter()
+            .map(|name| {
+                let (core, d, body) = (core.clone(), doc(name), a.update(name, "S1", 0));
+                async move { core.submit(d, Kind::Update, &body, None).await.unwrap() }
+            })
+            .collect();
+        let first = tokio::time::timeout(Duration::from_secs(10), updates.next())
+            .await
+            .expect("no document committed while another worker's commit hung");
+        assert_eq!(accepted(first.unwrap()), 2);
+        assert!(!hanging.is_finished());
+        lock.rollback().await.unwrap();
+        assert_eq!(accepted(hanging.await.unwrap().unwrap()), 2);
+        while let Some(outcome) = updates.next().await {
+            assert_eq!(accepted(outcome), 2);
+        }
+    })
+    .await;
+}
