@@ -18,7 +18,7 @@
 # Parameters (environment, defaults in brackets):
 #   TARGETS [baseline-mem baseline-pg ours-2gw ours-embedded]   PHASES [throughput,fanout,docload,idle]
 #   CLIENTS [64] DOCS [16] WINDOWS [1 8] RUN_SECONDS [10] WARMUP [1]     unpaced throughput, per window
-#   RATES [250 500 1000 2000 3000 4000 6000 8000 10000] ("" = no sweep) SWEEP_WINDOW [8] SWEEP_SECONDS [5]
+#   RATES [250 500 1000 2000 3000 4000 5000 6000 8000 10000] ("" = no sweep) SWEEP_WINDOW [8] SWEEP_SECONDS [5]
 #                                     paced throughput for the plot; a target's sweep stops after
 #                                     the first rate it cannot keep up with (acked < 90 % offered)
 #   FANOUT_RECEIVERS [20] FANOUT_UPDATES [2000]
@@ -36,7 +36,7 @@ DOCS=${DOCS:-16}
 WINDOWS=${WINDOWS:-"1 8"}
 RUN_SECONDS=${RUN_SECONDS:-10}
 WARMUP=${WARMUP:-1}
-RATES=${RATES-"250 500 1000 2000 3000 4000 6000 8000 10000"}
+RATES=${RATES-"250 500 1000 2000 3000 4000 5000 6000 8000 10000"}
 SWEEP_WINDOW=${SWEEP_WINDOW:-8}
 SWEEP_SECONDS=${SWEEP_SECONDS:-5}
 FANOUT_RECEIVERS=${FANOUT_RECEIVERS:-20}
