@@ -4,8 +4,9 @@
 //! opens a [`WriteTx`], locks the documents of a batch, asks the protocol crate's rules about each
 //! message and writes what they accept. A batch of updates that the core's cached rule states
 //! decide is written by [`Backend::append_updates`] instead, on the condition that no document
-//! moved meanwhile. Loads go through a [`ReadTx`], one consistent view of the database. Postgres ([`crate::postgres`]) and SQLite ([`crate::sqlite`], for the embedded
-//! single-node binary) implement the same traits; the core does not know which it runs on.
+//! moved meanwhile. Loads go through a [`ReadTx`], one consistent view of the database.
+//! Postgres ([`crate::postgres`]) and SQLite ([`crate::sqlite`], for the embedded single-node
+//! binary) implement the same traits; the core does not know which it runs on.
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -23,8 +23,8 @@ use std::time::Duration;
 
 use secsync_protocol::rules::proof_chain_after;
 use secsync_protocol::{
-    parse_client_frame, plan_load, ChainPlan, ClientFrame, DocumentId, DocumentState, LoadRequest,
-    ParseOptions, Reason, RuleOptions, SnapshotMessage, UpdateMessage,
+    parse_client_frame, plan_load, ChainPlan, ClientFrame, DocumentId, DocumentState, LoadPlan,
+    LoadRequest, ParseOptions, ProofEntry, Reason, RuleOptions, SnapshotMessage, UpdateMessage,
 };
 // The store seam's types live in the protocol crate, shared with the gateway.
 pub use secsync_protocol::{Kind, LoadedDocument, Outcome};
@@ -113,6 +113,24 @@ struct BatchState<'w> {
     outcomes: Vec<Option<Outcome>>,
     accepted_requests: HashMap<&'w str, Outcome>,
     update_rows: Vec<UpdateRow<'w>>,
+}
+
+impl BatchState<'_> {
+    fn new(works: usize) -> Self {
+        Self {
+            outcomes: vec![None; works],
+            accepted_requests: HashMap::new(),
+            update_rows: Vec::new(),
+        }
+    }
+}
+
+/// A changed document's new head and rule state, as a batch leaves it.
+type Changed<'w> = (&'w DocumentId, DocumentHead, DocumentState);
+
+/// The new heads of the changed documents, as the backend writes them.
+fn new_heads<'a>(changed: &'a [Changed<'_>]) -> Vec<(&'a DocumentId, &'a DocumentHead)> {
+    changed.iter().map(|(doc, head, _)| (*doc, head)).collect()
 }
 
 struct Job {
@@ -262,9 +280,13 @@ impl<B: Backend> Core<B> {
         let backend = &self.inner.backend;
         // The usual load: the head alone, then the load cache entry for it.
         if let Some(head) = backend.document(doc).await? {
-            if let Some(loaded) = self.cached_load(doc, &head, request) {
-                *cache_hit = head.active_snapshot_id.is_some().then_some(true);
-                return Ok(loaded);
+            let plan = plan_load(head.active_snapshot_id.as_ref(), request);
+            if !matches!(plan.chain, ChainPlan::From(_)) {
+                if let Some(mut loaded) = self.cached_load(doc, &head, &plan) {
+                    *cache_hit = head.active_snapshot_id.is_some().then_some(true);
+                    loaded.chain = proof_chain::<B::Read>(plan.chain, doc, None).await?;
+                    return Ok(loaded);
+                }
             }
         }
         let mut tx = backend.begin_read().await?;
@@ -281,76 +303,26 @@ impl<B: Backend> Core<B> {
             None => return Ok(LoadedDocument::default()),
         };
         let plan = plan_load(head.active_snapshot_id.as_ref(), request);
-        let mut loaded = LoadedDocument {
-            found: true,
-            sequence: head.head_seq,
-            active_snapshot_id: head.active_snapshot_id.clone(),
-            ..LoadedDocument::default()
+        let mut loaded = if let Some(loaded) = self.cached_load(doc, &head, &plan) {
+            *cache_hit = head.active_snapshot_id.is_some().then_some(true);
+            loaded
+        } else {
+            *cache_hit = Some(false);
+            self.read_into_cache(&mut tx, doc, &head, &plan).await?
         };
-        if let Some(active) = &head.active_snapshot_id {
-            let select = |key: &str, clock| plan.updates.wants(key, clock);
-            let cache = &self.inner.loads;
-            if let Some((snapshot, updates)) =
-                cache.get(doc, head.head_seq, active, plan.include_snapshot, select)
-            {
-                *cache_hit = Some(true);
-                loaded.snapshot = snapshot;
-                loaded.updates = updates;
-            } else {
-                *cache_hit = Some(false);
-                if plan.include_snapshot {
-                    let body = tx
-                        .snapshot_body(doc, active)
-                        .await?
-                        .ok_or_else(|| CoreError::Internal("active snapshot row missing".into()))?;
-                    loaded.snapshot = Some(body.into());
-                }
-                let updates = tx.updates(doc, active).await?;
-                cache.put(
-                    doc,
-                    head.head_seq,
-                    active,
-                    loaded.snapshot.as_ref(),
-                    &updates,
-                );
-                loaded.updates = updates
-                    .into_iter()
-                    .filter(|u| select(&u.pub_key, u.clock))
-                    .map(|u| u.body)
-                    .collect();
-            }
-        }
-        loaded.chain = match plan.chain {
-            ChainPlan::Omit => None,
-            ChainPlan::Empty => Some(Vec::new()),
-            ChainPlan::From(known) => {
-                Some(proof_chain_after(&tx.proof_entries(doc).await?, &known))
-            }
-        };
+        loaded.chain = proof_chain(plan.chain, doc, Some(&mut tx)).await?;
         Ok(loaded)
     }
 
-    /// A load answered from the load cache at `head`, when it needs no other read (a proof
-    /// chain is read from the database).
+    /// A load (without its proof chain) at `head` from the load cache; `None` when the cache
+    /// has no entry for that head. A document without a snapshot needs none.
     fn cached_load(
         &self,
         doc: &DocumentId,
         head: &DocumentHead,
-        request: &LoadRequest,
+        plan: &LoadPlan,
     ) -> Option<LoadedDocument> {
-        let plan = plan_load(head.active_snapshot_id.as_ref(), request);
-        let chain = match plan.chain {
-            ChainPlan::Omit => None,
-            ChainPlan::Empty => Some(Vec::new()),
-            ChainPlan::From(_) => return None,
-        };
-        let mut loaded = LoadedDocument {
-            found: true,
-            sequence: head.head_seq,
-            active_snapshot_id: head.active_snapshot_id.clone(),
-            chain,
-            ..LoadedDocument::default()
-        };
+        let mut loaded = found_at(head);
         if let Some(active) = &head.active_snapshot_id {
             let select = |key: &str, clock| plan.updates.wants(key, clock);
             let (snapshot, updates) =
@@ -361,6 +333,42 @@ impl<B: Backend> Core<B> {
             loaded.updates = updates;
         }
         Some(loaded)
+    }
+
+    /// A load (without its proof chain) at `head` read in `tx`; what was read goes into the
+    /// load cache.
+    async fn read_into_cache(
+        &self,
+        tx: &mut B::Read,
+        doc: &DocumentId,
+        head: &DocumentHead,
+        plan: &LoadPlan,
+    ) -> Result<LoadedDocument, CoreError> {
+        let mut loaded = found_at(head);
+        let Some(active) = &head.active_snapshot_id else {
+            return Ok(loaded);
+        };
+        if plan.include_snapshot {
+            let body = tx
+                .snapshot_body(doc, active)
+                .await?
+                .ok_or_else(|| CoreError::Internal("active snapshot row missing".into()))?;
+            loaded.snapshot = Some(body.into());
+        }
+        let updates = tx.updates(doc, active).await?;
+        self.inner.loads.put(
+            doc,
+            head.head_seq,
+            active,
+            loaded.snapshot.as_ref(),
+            &updates,
+        );
+        loaded.updates = updates
+            .into_iter()
+            .filter(|u| plan.updates.wants(&u.pub_key, u.clock))
+            .map(|u| u.body)
+            .collect();
+        Ok(loaded)
     }
 
     /// Accepted messages after `after_seq`, in order (for gap repair).
@@ -523,11 +531,7 @@ impl<B: Backend> Inner<B> {
             self.backend.ensure_documents(&missing).await?;
             return Box::pin(self.commit_batch(works)).await;
         }
-        let mut batch = BatchState {
-            outcomes: vec![None; works.len()],
-            accepted_requests: HashMap::new(),
-            update_rows: Vec::new(),
-        };
+        let mut batch = BatchState::new(works.len());
         let mut new_states = Vec::new();
         for doc in docs {
             let head = &heads[doc];
@@ -575,16 +579,10 @@ impl<B: Backend> Inner<B> {
             tx.insert_updates(&update_rows).await?;
         }
         if !new_states.is_empty() {
-            let heads: Vec<(&DocumentId, &DocumentHead)> = new_states
-                .iter()
-                .map(|(doc, head, _)| (*doc, head))
-                .collect();
-            tx.set_heads(&heads).await?;
+            tx.set_heads(&new_heads(&new_states)).await?;
         }
         tx.commit().await?;
-        self.advance_loads(works, &outcomes, &heads, &new_states);
-        self.remember_states(new_states);
-        Ok(decided(outcomes))
+        Ok(self.committed(works, outcomes, &heads, new_states))
     }
 
     /// The usual batch in one database step: only updates, to documents whose rule state is
@@ -614,11 +612,7 @@ impl<B: Backend> Inner<B> {
                 }
             }
         }
-        let mut batch = BatchState {
-            outcomes: vec![None; works.len()],
-            accepted_requests: HashMap::new(),
-            update_rows: Vec::new(),
-        };
+        let mut batch = BatchState::new(works.len());
         let mut heads = HashMap::with_capacity(docs.len());
         let mut new_states = Vec::new();
         for (doc, (head_seq, state)) in docs.iter().zip(cached) {
@@ -649,20 +643,27 @@ impl<B: Backend> Inner<B> {
         }
         let expected: Vec<(&DocumentId, u64)> =
             docs.iter().map(|d| (*d, heads[*d].head_seq)).collect();
-        let new_heads: Vec<(&DocumentId, &DocumentHead)> = new_states
-            .iter()
-            .map(|(doc, head, _)| (*doc, head))
-            .collect();
         if !self
             .backend
-            .append_updates(&expected, &update_rows, &new_heads)
+            .append_updates(&expected, &update_rows, &new_heads(&new_states))
             .await?
         {
             return Ok(None);
         }
-        self.advance_loads(works, &outcomes, &heads, &new_states);
-        self.remember_states(new_states);
-        Ok(Some(decided(outcomes)))
+        Ok(Some(self.committed(works, outcomes, &heads, new_states)))
+    }
+
+    /// After a commit: the caches follow it, and every work gets its outcome.
+    fn committed(
+        &self,
+        works: &[Work],
+        outcomes: Vec<Option<Outcome>>,
+        old_heads: &HashMap<DocumentId, DocumentHead>,
+        changed: Vec<Changed<'_>>,
+    ) -> Vec<Outcome> {
+        self.advance_loads(works, &outcomes, old_heads, &changed);
+        self.remember_states(changed);
+        decided(outcomes)
     }
 
     /// Runs the works of one locked document through the rules, in queue order. Returns the
@@ -677,7 +678,7 @@ impl<B: Backend> Inner<B> {
         mut state: DocumentState,
         works: &'w [Work],
         batch: &mut BatchState<'w>,
-    ) -> Result<Option<(&'w DocumentId, DocumentHead, DocumentState)>, BackendError> {
+    ) -> Result<Option<Changed<'w>>, BackendError> {
         let mut seq = head.head_seq;
         for (i, work) in works.iter().enumerate().filter(|(_, w)| &w.doc == doc) {
             // The same request twice in one batch (a retry overtaking its first attempt).
@@ -782,7 +783,7 @@ impl<B: Backend> Inner<B> {
         works: &[Work],
         outcomes: &[Option<Outcome>],
         old_heads: &HashMap<DocumentId, DocumentHead>,
-        new_states: &[(&DocumentId, DocumentHead, DocumentState)],
+        new_states: &[Changed<'_>],
     ) {
         for (doc, new_head, _) in new_states {
             let from = old_heads.get(*doc).map_or(0, |h| h.head_seq);
@@ -822,7 +823,7 @@ impl<B: Backend> Inner<B> {
             .map(|(_, state)| state.clone())
     }
 
-    fn remember_states(&self, new_states: Vec<(&DocumentId, DocumentHead, DocumentState)>) {
+    fn remember_states(&self, new_states: Vec<Changed<'_>>) {
         let Ok(mut states) = self.states.lock() else {
             return;
         };
@@ -840,6 +841,34 @@ impl<B: Backend> Inner<B> {
             }
         }
     }
+}
+
+/// A load of a document that exists, at `head`, before its contents are filled in.
+fn found_at(head: &DocumentHead) -> LoadedDocument {
+    LoadedDocument {
+        found: true,
+        sequence: head.head_seq,
+        active_snapshot_id: head.active_snapshot_id.clone(),
+        ..LoadedDocument::default()
+    }
+}
+
+/// The proof chain a load plan asks for. Only a chain after a known snapshot is read, in `tx`.
+async fn proof_chain<R: ReadTx>(
+    plan: ChainPlan,
+    doc: &DocumentId,
+    tx: Option<&mut R>,
+) -> Result<Option<Vec<ProofEntry>>, CoreError> {
+    Ok(match plan {
+        ChainPlan::Omit => None,
+        ChainPlan::Empty => Some(Vec::new()),
+        ChainPlan::From(known) => {
+            let tx = tx.ok_or_else(|| {
+                CoreError::Internal("a proof chain read without a transaction".into())
+            })?;
+            Some(proof_chain_after(&tx.proof_entries(doc).await?, &known))
+        }
+    })
 }
 
 /// Every work's outcome; one left undecided is a bug answered as "unavailable".

@@ -271,10 +271,10 @@ fn clock(n: i64) -> Result<Clock, BackendError> {
     Clock::new(to_u64(n)).map_err(|e| BackendError::Other(format!("stored clock: {e}")))
 }
 
-/// A document row (`head_seq`, `active_snapshot_id`) as a head.
 /// A document's head and active snapshot.
 const DOCUMENT: &str = "SELECT head_seq, active_snapshot_id FROM documents WHERE id = ?1";
 
+/// A document row (`head_seq`, `active_snapshot_id`) as a head.
 fn head_of(row: &SqliteRow) -> Result<DocumentHead, BackendError> {
     let active: Option<String> = column(row, "active_snapshot_id")?;
     Ok(DocumentHead {
