@@ -18,7 +18,7 @@ use crate::pipeline::Pipeline;
 use crate::report::{PhaseReport, Progress};
 use crate::setup::{build_updates, classify, create_document, Incoming, UpdateJob};
 use crate::stats::Samples;
-use crate::target::{connect, next_text, open, Endpoint, Socket};
+use crate::target::{connect, next_text, open, Endpoint, Reads, Socket};
 
 #[derive(Debug, Clone)]
 pub struct Params {
@@ -82,7 +82,7 @@ pub async fn run(
                 let endpoint = &endpoints[i % endpoints.len()];
                 let url = endpoint.url(doc.id.as_str(), &query);
                 let started = Instant::now();
-                let mut socket = connect(endpoint, &url, None).await?;
+                let mut socket = connect(endpoint, &url, None, Reads::Large).await?;
                 let first = next_text(&mut socket, Duration::from_mins(1)).await?;
                 let elapsed = started.elapsed();
                 drop(socket);

@@ -22,7 +22,7 @@ use tokio::process::{Child, Command};
 
 use crate::report::{rss_kib, PhaseReport, Progress};
 use crate::setup::create_document;
-use crate::target::{connect, next_text, parse_endpoint, source_addresses, Endpoint};
+use crate::target::{connect, next_text, parse_endpoint, source_addresses, Endpoint, Reads};
 
 #[derive(Debug, Clone)]
 pub struct Params {
@@ -209,7 +209,7 @@ pub async fn worker(p: WorkerParams) -> anyhow::Result<()> {
             let source = sources[(i / endpoints.len()) % sources.len()];
             let url = endpoint.url(&p.doc, "mode=complete");
             async move {
-                let mut socket = connect(endpoint, &url, Some(source)).await?;
+                let mut socket = connect(endpoint, &url, Some(source), Reads::Small).await?;
                 let first = next_text(&mut socket, Duration::from_mins(1)).await?;
                 if !crate::target::is_type(&first, "document") {
                     bail!("connection answered with {first:.80}");

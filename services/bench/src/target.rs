@@ -10,11 +10,33 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context as _};
 use futures::StreamExt as _;
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 /// A WebSocket connection to the relay (plain TCP: loopback only, no TLS).
 pub type Socket = WebSocketStream<TcpStream>;
+
+/// What a connection mostly reads, which sizes its read buffer. tungstenite zero-fills the
+/// buffer's free capacity before every read: with its default (128 KiB) a client receiving
+/// small frames spent a third of the load generator's CPU in `memset`, on the cores the relay
+/// under test shares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reads {
+    /// Frames of a few hundred bytes (updates, acknowledgements, small documents).
+    Small,
+    /// Whole large documents: fewer read calls per megabyte.
+    Large,
+}
+
+impl Reads {
+    fn buffer_size(self) -> usize {
+        match self {
+            Reads::Small => 8 * 1024,
+            Reads::Large => 128 * 1024,
+        }
+    }
+}
 
 /// One relay endpoint given on the command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +119,7 @@ pub async fn connect(
     endpoint: &Endpoint,
     url: &str,
     source: Option<IpAddr>,
+    reads: Reads,
 ) -> anyhow::Result<Socket> {
     let stream = match source {
         None => TcpStream::connect(endpoint.addr).await?,
@@ -112,15 +135,17 @@ pub async fn connect(
         }
     };
     stream.set_nodelay(true)?;
-    let (socket, _) = tokio_tungstenite::client_async(url, stream)
+    let config = WebSocketConfig::default().read_buffer_size(reads.buffer_size());
+    let (socket, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
         .await
         .with_context(|| format!("WebSocket handshake with {endpoint}"))?;
     Ok(socket)
 }
 
-/// Opens a connection and reads the first frame (the `document`, or a refusal).
+/// Opens a connection for small frames and reads the first frame (the `document`, or a
+/// refusal).
 pub async fn open(endpoint: &Endpoint, url: &str) -> anyhow::Result<(Socket, String)> {
-    let mut socket = connect(endpoint, url, None).await?;
+    let mut socket = connect(endpoint, url, None, Reads::Small).await?;
     let first = next_text(&mut socket, Duration::from_secs(30)).await?;
     if !first.starts_with("{\"type\":\"document\"") && !is_type(&first, "document") {
         bail!("the relay answered the connection with {first:.120}");
