@@ -9,14 +9,16 @@
 pub mod sql;
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use secsync_protocol::{
     ActiveSnapshot, Clock, Clocks, DocumentId, DocumentState, ProofEntry, SnapshotId,
 };
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
 
 use crate::backend::{
     Backend, BackendError, DocumentHead, EventKind, ReadTx, SnapshotRow, StoredEvent, StoredUpdate,
@@ -43,10 +45,50 @@ impl Default for PgSettings {
     }
 }
 
+/// Connections kept out of the pool between single statements, at most.
+const KEPT_CONNECTIONS: usize = 4;
+
 /// Postgres through a sqlx pool.
 #[derive(Debug, Clone)]
 pub struct PgBackend {
     pool: PgPool,
+    kept: Arc<Kept>,
+}
+
+/// Connections that ran a statement and wait for the next, outside the pool. sqlx checks a
+/// connection with a round trip each time it goes back to the pool: on the commit path that
+/// was one more wakeup of PostgreSQL and of this service per batch (BENCHMARKS.md). A kept
+/// connection idle for [`IDLE_CHECK_AFTER`] goes back to the pool (and through its checks)
+/// instead of being used.
+#[derive(Debug, Default)]
+struct Kept(Mutex<Vec<(PoolConnection<Postgres>, Instant)>>);
+
+/// A connection for single statements; [`Conn::keep`] after success puts it among the kept
+/// ones. Dropped without it (an error, a cancelled call), it goes back to the pool, whose
+/// check on release finds a broken connection or ends a statement left half-read.
+struct Conn<'a> {
+    conn: PoolConnection<Postgres>,
+    kept: &'a Kept,
+}
+
+impl Conn<'_> {
+    fn get(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
+
+    fn keep(self) {
+        let Conn { conn, kept } = self;
+        let surplus = {
+            let mut kept = kept.0.lock().unwrap_or_else(PoisonError::into_inner);
+            if kept.len() < KEPT_CONNECTIONS {
+                kept.push((conn, Instant::now()));
+                None
+            } else {
+                Some(conn)
+            }
+        };
+        drop(surplus);
+    }
 }
 
 impl PgBackend {
@@ -79,7 +121,31 @@ impl PgBackend {
                 })
             })
             .connect_lazy_with(options);
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            kept: Arc::default(),
+        })
+    }
+
+    /// The most recently kept connection, or one from the pool.
+    async fn conn(&self) -> Result<Conn<'_>, BackendError> {
+        let reused = self
+            .kept
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        let conn = match reused {
+            Some((conn, since)) if since.elapsed() < IDLE_CHECK_AFTER => conn,
+            stale => {
+                drop(stale);
+                self.pool.acquire().await.map_err(map_error)?
+            }
+        };
+        Ok(Conn {
+            conn,
+            kept: &self.kept,
+        })
     }
 
     /// Runs the embedded migrations.
@@ -157,11 +223,13 @@ impl Backend for PgBackend {
     async fn ensure_documents(&self, ids: &[&DocumentId]) -> Result<(), BackendError> {
         let mut sorted: Vec<&str> = ids.iter().map(|d| d.as_str()).collect();
         sorted.sort_unstable();
+        let mut conn = self.conn().await?;
         sqlx::query(sql::ENSURE_DOCUMENTS)
             .bind(&sorted)
-            .execute(&self.pool)
+            .execute(conn.get())
             .await
             .map_err(map_error)?;
+        conn.keep();
         Ok(())
     }
 
@@ -184,13 +252,15 @@ impl Backend for PgBackend {
         after_seq: u64,
         limit: u32,
     ) -> Result<Vec<StoredEvent>, BackendError> {
+        let mut conn = self.conn().await?;
         let rows = sqlx::query(sql::EVENTS_AFTER)
             .bind(doc.as_str())
             .bind(to_i64(after_seq))
             .bind(i64::from(limit))
-            .fetch_all(&self.pool)
+            .fetch_all(conn.get())
             .await
             .map_err(map_error)?;
+        conn.keep();
         Ok(rows
             .into_iter()
             .map(|row| StoredEvent {
@@ -206,21 +276,25 @@ impl Backend for PgBackend {
     }
 
     async fn document(&self, doc: &DocumentId) -> Result<Option<DocumentHead>, BackendError> {
+        let mut conn = self.conn().await?;
         let row = sqlx::query(sql::DOCUMENT)
             .bind(doc.as_str())
-            .fetch_optional(&self.pool)
+            .fetch_optional(conn.get())
             .await
             .map_err(map_error)?;
+        conn.keep();
         row.as_ref().map(head_of).transpose()
     }
 
     async fn heads(&self, ids: &[DocumentId]) -> Result<HashMap<DocumentId, u64>, BackendError> {
         let names: Vec<&str> = ids.iter().map(DocumentId::as_str).collect();
+        let mut conn = self.conn().await?;
         let rows = sqlx::query(sql::HEADS)
             .bind(&names)
-            .fetch_all(&self.pool)
+            .fetch_all(conn.get())
             .await
             .map_err(map_error)?;
+        conn.keep();
         rows.into_iter()
             .map(|row| {
                 let id: String = row.get("id");
@@ -243,7 +317,9 @@ impl Backend for PgBackend {
         let seqs: Vec<i64> = expected.iter().map(|(_, s)| to_i64(*s)).collect();
         let query = sqlx::query(sql::APPEND_UPDATES).bind(ids).bind(seqs);
         let query = HeadColumns::of(heads).bind(UpdateColumns::of(rows).bind(query));
-        let row = query.fetch_one(&self.pool).await.map_err(map_error)?;
+        let mut conn = self.conn().await?;
+        let row = query.fetch_one(conn.get()).await.map_err(map_error)?;
+        conn.keep();
         Ok(row.get::<bool, _>("written"))
     }
 }

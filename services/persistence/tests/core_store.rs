@@ -855,3 +855,61 @@ async fn a_hanging_commit_holds_other_workers_back_only_briefly() {
     })
     .await;
 }
+
+/// Single statements keep their connection out of the pool for the next one (no check on
+/// release), but only after success: a kept connection the server ended fails the one call
+/// that finds it so, is not kept again, and the next call runs on a fresh connection.
+#[tokio::test]
+async fn a_kept_connection_the_server_ended_is_dropped_after_one_failure() {
+    use secsync_persistence::backend::BackendError;
+    use sqlx::Connection as _;
+    use std::time::{Duration, Instant};
+
+    common::with_database(|url| async move {
+        let backend = common::backend(&url).await;
+        let doc = DocumentId::parse("kept-connection").unwrap();
+        assert!(backend.document(&doc).await.unwrap().is_none());
+
+        // The connection that ran it (others may be open: the migrations').
+        let db = url.rsplit('/').next().unwrap().to_owned();
+        let mut admin = sqlx::PgConnection::connect(&common::admin_url())
+            .await
+            .unwrap();
+        let pid: i32 = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND query = $2",
+        )
+        .bind(&db)
+        .bind(sql::DOCUMENT)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+        sqlx::query("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        // The backend ends asynchronously: wait until it is gone.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let alive: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)")
+                    .bind(pid)
+                    .fetch_one(&mut admin)
+                    .await
+                    .unwrap();
+            if !alive {
+                break;
+            }
+            assert!(Instant::now() < deadline, "backend {pid} still alive");
+            tokio::task::yield_now().await;
+        }
+
+        match backend.document(&doc).await {
+            Err(BackendError::Unavailable(_)) => {}
+            other => panic!("the ended connection answered: {other:?}"),
+        }
+        assert!(backend.document(&doc).await.unwrap().is_none());
+        assert!(backend.document(&doc).await.unwrap().is_none());
+    })
+    .await;
+}
