@@ -21,6 +21,10 @@
 #   RATES [250 500 1000 2000 3000 4000 5000 6000 8000 10000] ("" = no sweep) SWEEP_WINDOW [8] SWEEP_SECONDS [5]
 #                                     paced throughput for the plot; a target's sweep stops after
 #                                     the first rate it cannot keep up with (acked < 90 % offered)
+#   HALF_PEAK_RUNS [3] HALF_PEAK_SECONDS [10]   after the unpaced window-1 run, paced runs (window
+#                                     SWEEP_WINDOW) at half the rate it reached: issue 10's latency
+#                                     goal, repeated because one run's p99 varies; their lines go to
+#                                     half-peak.jsonl, each target's p99s and median to half-peak.json
 #   FANOUT_RECEIVERS [20] FANOUT_UPDATES [2000]
 #   DOCLOAD_SIZES [1000,10000] DOCLOAD_REPEATS [30]
 #   IDLE_STEPS [5000,10000,15000]
@@ -39,6 +43,8 @@ WARMUP=${WARMUP:-1}
 RATES=${RATES-"250 500 1000 2000 3000 4000 5000 6000 8000 10000"}
 SWEEP_WINDOW=${SWEEP_WINDOW:-8}
 SWEEP_SECONDS=${SWEEP_SECONDS:-5}
+HALF_PEAK_RUNS=${HALF_PEAK_RUNS:-3}
+HALF_PEAK_SECONDS=${HALF_PEAK_SECONDS:-10}
 FANOUT_RECEIVERS=${FANOUT_RECEIVERS:-20}
 FANOUT_UPDATES=${FANOUT_UPDATES:-2000}
 DOCLOAD_SIZES=${DOCLOAD_SIZES:-1000,10000}
@@ -169,8 +175,22 @@ url_args() { for u in "$@"; do printf -- '--url\n%s\n' "$u"; done; }
 status=0
 run_bench() {
   # A failed phase is recorded (ok:false in its JSON line) and the run goes on.
-  "$bench" run --label "$label" --json-out "$results" --no-progress "${WATCH[@]}" "$@" 2>>"$out/bench.log" \
-    | tee -a "$out/bench.log" | grep -v '^{' || status=1
+  "$bench" run --label "$label" --json-out "${json_out:-$results}" --no-progress "${WATCH[@]}" "$@" \
+    2>>"$out/bench.log" | tee -a "$out/bench.log" | grep -v '^{' || status=1
+}
+
+# The rate of the last unpaced window-1 run of $label, halved (empty if there is none).
+half_of_peak() {
+  python3 - "$results" "$label" <<'PY' 2>/dev/null || true
+import json, sys
+peak = None
+for line in open(sys.argv[1]):
+    v = json.loads(line)
+    if (v["label"], v["phase"], v.get("window"), v.get("offered_rate")) == (sys.argv[2], "throughput", 1, None):
+        peak = v["updates_per_second"]
+if peak:
+    print(round(peak / 2))
+PY
 }
 
 for target in $TARGETS; do
@@ -185,6 +205,15 @@ for target in $TARGETS; do
         run_bench "${urlargs[@]}" --phases throughput --clients "$CLIENTS" --docs "$DOCS" \
           --window "$w" --seconds "$RUN_SECONDS" --warmup-seconds "$WARMUP"
       done
+      half=$(half_of_peak)
+      if [ -n "$half" ] && [ "$HALF_PEAK_RUNS" -gt 0 ]; then
+        for i in $(seq 1 "$HALF_PEAK_RUNS"); do
+          log "$target: half of peak, $half updates/s offered (run $i of $HALF_PEAK_RUNS)"
+          json_out=$out/half-peak.jsonl run_bench "${urlargs[@]}" --phases throughput --clients "$CLIENTS" \
+            --docs "$DOCS" --window "$SWEEP_WINDOW" --seconds "$HALF_PEAK_SECONDS" --warmup-seconds "$WARMUP" \
+            --rate "$half"
+        done
+      fi
       for rate in $RATES; do
         log "$target: throughput at $rate updates/s offered"
         run_bench "${urlargs[@]}" --phases throughput --clients "$CLIENTS" --docs "$DOCS" \
@@ -226,6 +255,28 @@ for b in baseline-pg baseline-mem; do
 done
 if [ ${#baselines[@]} -gt 0 ]; then
   "$bench" compare --input "$results" "${baselines[@]}" --json-out "$out/summary.json" | tee "$out/table.md"
+fi
+if [ -s "$out/half-peak.jsonl" ]; then
+  python3 - "$out/half-peak.jsonl" "$out/half-peak.json" <<'PY' | tee -a "$out/table.md"
+import json, statistics, sys
+runs = {}
+for line in open(sys.argv[1]):
+    v = json.loads(line)
+    runs.setdefault(v["label"], []).append(v)
+summary = {}
+for label, vs in runs.items():
+    p99 = [v["ack_ms"]["p99"] for v in vs]
+    summary[label] = {
+        "offered_rate": vs[-1]["offered_rate"],
+        "ok": all(v["ok"] for v in vs),
+        "ack_p50_ms": [v["ack_ms"]["p50"] for v in vs],
+        "ack_p99_ms": p99,
+        "ack_p99_median_ms": statistics.median(p99),
+    }
+    print(f"half of peak, {label}: {vs[-1]['offered_rate']:.0f} updates/s offered, ack p99 "
+          + ", ".join(f"{x:.2f}" for x in p99) + f" ms (median {statistics.median(p99):.2f})")
+json.dump(summary, open(sys.argv[2], "w"), indent=1, sort_keys=True)
+PY
 fi
 if grep -q '"offered_rate":[0-9]' "$results" 2>/dev/null; then
   "$bench" plot --input "$results" --output "$out/latency-vs-load.png" \
