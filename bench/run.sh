@@ -24,7 +24,11 @@
 #   HALF_PEAK_RUNS [3] HALF_PEAK_SECONDS [10]   after the unpaced window-1 run, paced runs (window
 #                                     SWEEP_WINDOW) at half the rate it reached: issue 10's latency
 #                                     goal, repeated because one run's p99 varies; their lines go to
-#                                     half-peak.jsonl, each target's p99s and median to half-peak.json
+#                                     half-peak.jsonl, each target's p99s and median to half-peak.json;
+#                                     for the targets on PostgreSQL, pgbench commits one-row inserts
+#                                     into a database of its own at 100/s meanwhile (if installed):
+#                                     the slowest commit of each run shows when PostgreSQL itself
+#                                     stalled (half-peak-probe.jsonl)
 #   FANOUT_RECEIVERS [20] FANOUT_UPDATES [2000]
 #   DOCLOAD_SIZES [1000,10000] DOCLOAD_REPEATS [30]
 #   IDLE_STEPS [5000,10000,15000]
@@ -70,6 +74,7 @@ ensure_nats
 pg_admin() { psql -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p 5432 -U postgres -d postgres "$@"; }
 base_db=secsync_bench_base_$$
 ours_db=secsync_bench_ours_$$
+probe_db=secsync_bench_probe_$$
 running=()  # "kind:handle" of what must be stopped
 
 cleanup() {
@@ -77,6 +82,7 @@ cleanup() {
   for r in "${running[@]}"; do stop_one "$r"; done
   pg_admin -c "DROP DATABASE IF EXISTS $base_db" 2>/dev/null
   pg_admin -c "DROP DATABASE IF EXISTS $ours_db" 2>/dev/null
+  pg_admin -c "DROP DATABASE IF EXISTS $probe_db" 2>/dev/null
   stop_started_services
 }
 trap cleanup EXIT
@@ -110,6 +116,14 @@ fi
 
 pg_admin -c "CREATE DATABASE $base_db"
 pg_admin -c "CREATE DATABASE $ours_db"
+probe=""
+if command -v pgbench >/dev/null 2>&1; then
+  pg_admin -c "CREATE DATABASE $probe_db"
+  psql -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -U postgres -d "$probe_db" \
+    -c "CREATE TABLE probe (id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT now())"
+  echo "INSERT INTO probe DEFAULT VALUES;" >"$out/probe.sql"
+  probe=1
+fi
 psql -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -U postgres -d "$base_db" -f bench/baseline/schema.sql
 
 {
@@ -170,6 +184,34 @@ start_target() {
   esac
 }
 
+# HALF_PEAK_RUNS paced runs at half of $label's peak, each with the PostgreSQL commit probe.
+half_peak_runs() {
+  half=$(half_of_peak)
+  if [ -n "$half" ] && [ "$HALF_PEAK_RUNS" -gt 0 ]; then
+    for i in $(seq 1 "$HALF_PEAK_RUNS"); do
+      log "$target: half of peak, $half updates/s offered (run $i of $HALF_PEAK_RUNS)"
+      probe_pid=""
+      if [ -n "$probe" ] && [[ $target == *pg* || $target == ours-2gw ]]; then
+        rm -f "$out"/probe-log.*
+        pgbench -h 127.0.0.1 -U postgres -n -f "$out/probe.sql" -R 100 \
+          -T $((HALF_PEAK_SECONDS + WARMUP + 1)) -l --log-prefix="$out/probe-log" "$probe_db" \
+          >>"$out/probe.out" 2>&1 &
+        probe_pid=$!
+      fi
+      json_out=$out/half-peak.jsonl run_bench "${urlargs[@]}" --phases throughput --clients "$CLIENTS" \
+        --docs "$DOCS" --window "$SWEEP_WINDOW" --seconds "$HALF_PEAK_SECONDS" --warmup-seconds "$WARMUP" \
+        --rate "$half"
+      if [ -n "$probe_pid" ]; then
+        wait "$probe_pid" || true
+        # pgbench's log: client, transaction, latency (µs), script, epoch s, µs, schedule lag (µs).
+        awk -v label="$label" -v run="$i" '{ n++; if ($3 > max) max = $3; if ($3 > 15000) slow++ }
+          END { printf "{\"label\":\"%s\",\"run\":%d,\"commits\":%d,\"max_ms\":%.1f,\"over_15_ms\":%d}\n", label, run, n, max / 1000, slow }' \
+          "$out"/probe-log.* >>"$out/half-peak-probe.jsonl" || true
+      fi
+    done
+  fi
+}
+
 url_args() { for u in "$@"; do printf -- '--url\n%s\n' "$u"; done; }
 
 status=0
@@ -204,16 +246,10 @@ for target in $TARGETS; do
         log "$target: throughput, window $w"
         run_bench "${urlargs[@]}" --phases throughput --clients "$CLIENTS" --docs "$DOCS" \
           --window "$w" --seconds "$RUN_SECONDS" --warmup-seconds "$WARMUP"
+        # Right after the peak they halve: a saturating run with a larger window leaves
+        # PostgreSQL writing back what it wrote for a while, which is that run's aftermath.
+        if [ "$w" = 1 ]; then half_peak_runs; fi
       done
-      half=$(half_of_peak)
-      if [ -n "$half" ] && [ "$HALF_PEAK_RUNS" -gt 0 ]; then
-        for i in $(seq 1 "$HALF_PEAK_RUNS"); do
-          log "$target: half of peak, $half updates/s offered (run $i of $HALF_PEAK_RUNS)"
-          json_out=$out/half-peak.jsonl run_bench "${urlargs[@]}" --phases throughput --clients "$CLIENTS" \
-            --docs "$DOCS" --window "$SWEEP_WINDOW" --seconds "$HALF_PEAK_SECONDS" --warmup-seconds "$WARMUP" \
-            --rate "$half"
-        done
-      fi
       for rate in $RATES; do
         log "$target: throughput at $rate updates/s offered"
         run_bench "${urlargs[@]}" --phases throughput --clients "$CLIENTS" --docs "$DOCS" \
@@ -257,12 +293,18 @@ if [ ${#baselines[@]} -gt 0 ]; then
   "$bench" compare --input "$results" "${baselines[@]}" --json-out "$out/summary.json" | tee "$out/table.md"
 fi
 if [ -s "$out/half-peak.jsonl" ]; then
-  python3 - "$out/half-peak.jsonl" "$out/half-peak.json" <<'PY' | tee -a "$out/table.md"
+  python3 - "$out/half-peak.jsonl" "$out/half-peak.json" "$out/half-peak-probe.jsonl" <<'PY' | tee -a "$out/table.md"
 import json, statistics, sys
-runs = {}
+runs, probes = {}, {}
 for line in open(sys.argv[1]):
     v = json.loads(line)
     runs.setdefault(v["label"], []).append(v)
+try:
+    for line in open(sys.argv[3]):
+        v = json.loads(line)
+        probes.setdefault(v["label"], []).append(v)
+except FileNotFoundError:
+    pass
 summary = {}
 for label, vs in runs.items():
     p99 = [v["ack_ms"]["p99"] for v in vs]
@@ -273,8 +315,13 @@ for label, vs in runs.items():
         "ack_p99_ms": p99,
         "ack_p99_median_ms": statistics.median(p99),
     }
-    print(f"half of peak, {label}: {vs[-1]['offered_rate']:.0f} updates/s offered, ack p99 "
-          + ", ".join(f"{x:.2f}" for x in p99) + f" ms (median {statistics.median(p99):.2f})")
+    line = (f"half of peak, {label}: {vs[-1]['offered_rate']:.0f} updates/s offered, ack p99 "
+            + ", ".join(f"{x:.2f}" for x in p99) + f" ms (median {statistics.median(p99):.2f})")
+    if label in probes:
+        slowest = [p["max_ms"] for p in probes[label]]
+        summary[label]["probe_commit_max_ms"] = slowest
+        line += "; slowest probe commit per run " + ", ".join(f"{x:.1f}" for x in slowest) + " ms"
+    print(line)
 json.dump(summary, open(sys.argv[2], "w"), indent=1, sort_keys=True)
 PY
 fi
