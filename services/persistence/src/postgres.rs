@@ -45,7 +45,9 @@ impl Default for PgSettings {
     }
 }
 
-/// Connections kept out of the pool between single statements, at most.
+/// Connections kept out of the pool between single statements, at most, and never more than
+/// a quarter of the pool: transactions (the locked write path, loads that miss the cache) take
+/// theirs from what is left.
 const KEPT_CONNECTIONS: usize = 4;
 
 /// Postgres through a sqlx pool.
@@ -60,8 +62,11 @@ pub struct PgBackend {
 /// was one more wakeup of PostgreSQL and of this service per batch (BENCHMARKS.md). A kept
 /// connection idle for [`IDLE_CHECK_AFTER`] goes back to the pool (and through its checks)
 /// instead of being used.
-#[derive(Debug, Default)]
-struct Kept(Mutex<Vec<(PoolConnection<Postgres>, Instant)>>);
+#[derive(Debug)]
+struct Kept {
+    idle: Mutex<Vec<(PoolConnection<Postgres>, Instant)>>,
+    at_most: usize,
+}
 
 /// A connection for single statements; [`Conn::keep`] after success puts it among the kept
 /// ones. Dropped without it (an error, a cancelled call), it goes back to the pool, whose
@@ -79,8 +84,9 @@ impl Conn<'_> {
     fn keep(self) {
         let Conn { conn, kept } = self;
         let surplus = {
-            let mut kept = kept.0.lock().unwrap_or_else(PoisonError::into_inner);
-            if kept.len() < KEPT_CONNECTIONS {
+            let at_most = kept.at_most;
+            let mut kept = kept.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            if kept.len() < at_most {
                 kept.push((conn, Instant::now()));
                 None
             } else {
@@ -121,9 +127,13 @@ impl PgBackend {
                 })
             })
             .connect_lazy_with(options);
+        let quarter = usize::try_from(settings.max_connections / 4).unwrap_or(usize::MAX);
         Ok(Self {
             pool,
-            kept: Arc::default(),
+            kept: Arc::new(Kept {
+                idle: Mutex::default(),
+                at_most: KEPT_CONNECTIONS.min(quarter),
+            }),
         })
     }
 
@@ -131,7 +141,7 @@ impl PgBackend {
     async fn conn(&self) -> Result<Conn<'_>, BackendError> {
         let reused = self
             .kept
-            .0
+            .idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .pop();

@@ -913,3 +913,35 @@ async fn a_kept_connection_the_server_ended_is_dropped_after_one_failure() {
     })
     .await;
 }
+
+/// Kept connections never take more than a quarter of the pool: with a pool of four, after
+/// four single statements at once, three write transactions can still be open together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_connections_leave_the_pool_to_transactions() {
+    use secsync_persistence::postgres::{PgBackend, PgSettings};
+    use std::time::Duration;
+
+    common::with_database(|url| async move {
+        let settings = PgSettings {
+            max_connections: 4,
+            acquire_timeout: Duration::from_secs(2),
+        };
+        let backend = PgBackend::connect_lazy(&url, &settings).unwrap();
+        backend.migrate().await.unwrap();
+        let docs: Vec<DocumentId> = (0..4).map(|i| doc(&format!("quarter-{i}"))).collect();
+        let reads = futures::future::join_all(docs.iter().map(|d| backend.document(d))).await;
+        assert!(reads.into_iter().all(|r| r.unwrap().is_none()));
+
+        let mut open = Vec::new();
+        for _ in 0..3 {
+            open.push(
+                backend
+                    .begin_write()
+                    .await
+                    .expect("a connection left for the transaction"),
+            );
+        }
+        drop(open);
+    })
+    .await;
+}
