@@ -34,7 +34,10 @@ use secsync_rpc::v1::persistence_client::PersistenceClient;
 use tokio_stream::StreamExt as _;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::store::{Event, Loaded, RequestId, Store, StoreError, SubmitKind, Submitted};
+use crate::store::{
+    Event, LoadHead, LoadPiece, Loaded, PieceSink, RequestId, Store, StoreError, SubmitKind,
+    Submitted,
+};
 
 /// How the gateway reaches persistence.
 #[derive(Debug, Clone)]
@@ -724,6 +727,61 @@ impl GrpcStore {
         Ok(loaded)
     }
 
+    /// [`load_from`](Self::load_from), handing pieces to `out` as they arrive. A failure after
+    /// the first piece went out is not retried elsewhere (`handed`).
+    async fn load_pieces_from(
+        &self,
+        mut client: PersistenceClient<Channel>,
+        message: pb::LoadDocumentRequest,
+        out: PieceSink<'_>,
+        handed: &AtomicBool,
+    ) -> Result<(), Failure> {
+        use pb::load_document_chunk::Part;
+        let result = async {
+            let mut stream = client
+                .load_document(self.request(message))
+                .await?
+                .into_inner();
+            while let Some(chunk) = stream.next().await {
+                let piece = match chunk?.part {
+                    Some(Part::Header(h)) => LoadPiece::Head(LoadHead {
+                        found: h.found,
+                        sequence: h.sequence,
+                        active_snapshot_id: h
+                            .active_snapshot_id
+                            .map(|s| SnapshotId::parse(&s))
+                            .transpose()
+                            .map_err(|e| StoreError::Failed(format!("active snapshot id: {e}")))?,
+                        has_snapshot: h.has_snapshot,
+                        chain: if h.has_chain {
+                            Some(
+                                h.chain
+                                    .into_iter()
+                                    .map(proof_entry)
+                                    .collect::<Result<_, _>>()?,
+                            )
+                        } else {
+                            None
+                        },
+                    }),
+                    Some(Part::SnapshotPart(part)) => LoadPiece::Snapshot(part),
+                    Some(Part::Updates(batch)) => LoadPiece::Updates(batch.bodies),
+                    None => continue,
+                };
+                handed.store(true, Ordering::Relaxed);
+                out(piece);
+            }
+            Ok::<(), Failure>(())
+        }
+        .await;
+        match result {
+            Err(Failure::Connection(status)) if handed.load(Ordering::Relaxed) => {
+                Err(Failure::Store(store_error(&status)))
+            }
+            other => other,
+        }
+    }
+
     /// One submission on `replica`: over its `Submit` stream, or by a unary call when it does
     /// not know the stream.
     async fn submit_on(
@@ -845,6 +903,26 @@ impl GrpcStore {
     }
 }
 
+fn load_message(doc: &DocumentId, request: &LoadRequest, create: bool) -> pb::LoadDocumentRequest {
+    pb::LoadDocumentRequest {
+        document_id: doc.as_str().to_owned(),
+        mode: match request.mode {
+            LoadMode::Complete => pb::LoadMode::Complete,
+            LoadMode::Delta => pb::LoadMode::Delta,
+        } as i32,
+        known_snapshot_id: request
+            .known_snapshot_id
+            .as_ref()
+            .map(|s| s.as_str().to_owned()),
+        known_clocks: request
+            .known_clocks
+            .iter()
+            .map(|(k, v)| (k.clone(), v.get()))
+            .collect(),
+        create,
+    }
+}
+
 #[async_trait]
 impl Store for GrpcStore {
     async fn load(
@@ -853,25 +931,24 @@ impl Store for GrpcStore {
         request: &LoadRequest,
         create: bool,
     ) -> Result<Loaded, StoreError> {
-        let message = pb::LoadDocumentRequest {
-            document_id: doc.as_str().to_owned(),
-            mode: match request.mode {
-                LoadMode::Complete => pb::LoadMode::Complete,
-                LoadMode::Delta => pb::LoadMode::Delta,
-            } as i32,
-            known_snapshot_id: request
-                .known_snapshot_id
-                .as_ref()
-                .map(|s| s.as_str().to_owned()),
-            known_clocks: request
-                .known_clocks
-                .iter()
-                .map(|(k, v)| (k.clone(), v.get()))
-                .collect(),
-            create,
-        };
+        let message = load_message(doc, request, create);
         self.call(move |replica| self.load_from(replica.client.clone(), message.clone()))
             .await
+    }
+
+    async fn load_pieces(
+        &self,
+        doc: &DocumentId,
+        request: &LoadRequest,
+        create: bool,
+        out: PieceSink<'_>,
+    ) -> Result<(), StoreError> {
+        let message = load_message(doc, request, create);
+        let handed = AtomicBool::new(false);
+        self.call(|replica| {
+            self.load_pieces_from(replica.client.clone(), message.clone(), out, &handed)
+        })
+        .await
     }
 
     async fn submit(

@@ -23,8 +23,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use secsync_protocol::wire::{self, Recovery};
 use secsync_protocol::{
-    parse_client_frame, ClientFrame, ConnectError, ConnectRequest, FrameError, KeyCache, LoadMode,
-    LoadRequest, Reason, Shape, SnapshotId, SnapshotMessage,
+    parse_client_frame, ClientFrame, ConnectError, ConnectRequest, DocumentId, FrameError,
+    KeyCache, LoadMode, LoadRequest, Reason, Shape, SnapshotId, SnapshotMessage,
 };
 use tokio::time::{Instant, Sleep};
 use tracing::Instrument as _;
@@ -35,7 +35,7 @@ use crate::gateway::Gateway;
 use crate::hub::{Delivery, Membership};
 use crate::metrics::metrics;
 use crate::revocation::Registration;
-use crate::store::{RequestId, StoreError, SubmitKind, Submitted};
+use crate::store::{LoadHead, LoadPiece, RequestId, StoreError, SubmitKind, Submitted};
 use crate::ws::{Frame, Incoming, ReadError, Socket};
 
 /// Close codes the gateway uses.
@@ -127,6 +127,38 @@ impl Link {
             self.queue = VecDeque::new();
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// Loads the document and queues the `document` frame, in pieces as the load arrives,
+    /// writing them meanwhile: a large document's first bytes reach the client while its
+    /// last still come from persistence. The pieces are the fragments of one WebSocket message
+    /// (only control frames may go between them). Returns the load's head.
+    async fn load_document(
+        &mut self,
+        gateway: &Gateway,
+        doc: &DocumentId,
+        request: &LoadRequest,
+    ) -> Result<LoadHead, StoreError> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let out = move |piece| {
+            let _ = tx.send(piece);
+        };
+        let mut load = pin!(gateway.store.load_pieces(doc, request, true, &out));
+        let mut frame = DocumentFrame::default();
+        let result = poll_fn(|cx| {
+            let done = load.as_mut().poll(cx);
+            while let Ok(piece) = rx.try_recv() {
+                frame.add(piece, &mut self.queue);
+            }
+            if done.is_pending() {
+                // Registers for the socket; the load's pieces wake this through `load`.
+                let _ = self.poll_write(cx);
+            }
+            done
+        })
+        .await;
+        result?;
+        frame.finish(&mut self.queue)
     }
 
     /// Runs `future` to completion while writing what was queued before it.
@@ -310,28 +342,20 @@ async fn open(
         )));
         return Err((End::Closed(close::NORMAL), link));
     }
-    let loaded = match gateway.store.load(&doc, &load, true).await {
-        Ok(loaded) => loaded,
+    let head = match link.load_document(gateway, &doc, &load).await {
+        Ok(head) => head,
         Err(error) => {
             // A plain close: the client reconnects with back-off (document-error is terminal).
+            // A `document` begun is left unfinished: the client drops it with the connection.
             tracing::warn!(connection, %doc, %error, "load failed");
             return Err((End::Closed(close::UNAVAILABLE), link));
         }
     };
-    let frame = wire::document(
-        loaded.snapshot.as_deref(),
-        &loaded.updates,
-        loaded.chain.as_deref(),
-    );
-    drop(loaded.updates);
     metrics().frame_sent("document");
-    if let Err(end) = link.push(Frame::text(frame.into())) {
-        return Err((end, link));
-    }
-    gateway.hub.loaded(&doc, loaded.sequence);
+    gateway.hub.loaded(&doc, head.sequence);
     let hold_for = gateway.limits.first_delivery_hold;
-    let hold = (loaded.snapshot.is_some() && !hold_for.is_zero())
-        .then(|| Box::pin(tokio::time::sleep(hold_for)));
+    let hold =
+        (head.has_snapshot && !hold_for.is_zero()).then(|| Box::pin(tokio::time::sleep(hold_for)));
     let session = Box::new(Session {
         gateway: gateway.clone(),
         membership,
@@ -339,15 +363,49 @@ async fn open(
         access: grant.access,
         _registration: registration,
         link,
-        cursor: loaded.sequence,
+        cursor: head.sequence,
         own: BTreeSet::new(),
-        client_snapshot: loaded.active_snapshot_id,
+        client_snapshot: head.active_snapshot_id,
         frames: 0,
         keys: KeyCache::default(),
         tokens: f64::from(gateway.limits.rate_burst),
         refilled: Instant::now(),
     });
     Ok((session, hold))
+}
+
+/// The `document` frame as fragments, built from a load's pieces.
+#[derive(Default)]
+struct DocumentFrame {
+    head: Option<LoadHead>,
+    pieces: wire::DocumentPieces,
+}
+
+impl DocumentFrame {
+    fn add(&mut self, piece: LoadPiece, queue: &mut VecDeque<Frame>) {
+        let bytes = match piece {
+            LoadPiece::Head(head) => {
+                let start = wire::DocumentPieces::start(head.has_snapshot);
+                self.head = Some(head);
+                queue.push_back(Frame::fragment(true, true, start.into()));
+                return;
+            }
+            LoadPiece::Snapshot(part) => part,
+            LoadPiece::Updates(bodies) => self.pieces.updates(&bodies).into(),
+        };
+        if self.head.is_some() && !bytes.is_empty() {
+            queue.push_back(Frame::fragment(false, true, bytes));
+        }
+    }
+
+    fn finish(self, queue: &mut VecDeque<Frame>) -> Result<LoadHead, StoreError> {
+        let head = self
+            .head
+            .ok_or_else(|| StoreError::Failed("load ended without its header".into()))?;
+        let end = self.pieces.end(head.chain.as_deref());
+        queue.push_back(Frame::fragment(false, false, end.into()));
+        Ok(head)
+    }
 }
 
 /// What woke the session.

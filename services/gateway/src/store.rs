@@ -5,7 +5,8 @@
 //! ([`Submitted::Rejected`]), failures of the call itself are [`StoreError`]s.
 
 use async_trait::async_trait;
-use secsync_protocol::{DocumentId, LoadRequest};
+use bytes::Bytes;
+use secsync_protocol::{DocumentId, LoadRequest, ProofEntry, SnapshotId};
 
 /// A call to persistence failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -46,6 +47,30 @@ pub struct Event {
     pub body: String,
 }
 
+/// What a load found, ahead of its bodies ([`Store::load_pieces`]).
+#[derive(Debug, Clone, Default)]
+pub struct LoadHead {
+    pub found: bool,
+    pub sequence: u64,
+    pub active_snapshot_id: Option<SnapshotId>,
+    /// A snapshot body follows (in one or more [`LoadPiece::Snapshot`]).
+    pub has_snapshot: bool,
+    /// `None`: the `document` frame has no `snapshotProofChain` field.
+    pub chain: Option<Vec<ProofEntry>>,
+}
+
+/// A load as it arrives: the head first, then the snapshot body's parts, then update bodies
+/// in version order.
+#[derive(Debug)]
+pub enum LoadPiece {
+    Head(LoadHead),
+    Snapshot(Bytes),
+    Updates(Vec<Bytes>),
+}
+
+/// Where [`Store::load_pieces`] hands the pieces.
+pub type PieceSink<'a> = &'a (dyn Fn(LoadPiece) + Send + Sync);
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     async fn load(
@@ -54,6 +79,33 @@ pub trait Store: Send + Sync + 'static {
         request: &LoadRequest,
         create: bool,
     ) -> Result<Loaded, StoreError>;
+
+    /// [`load`](Store::load), handing the result to `out` in pieces as they arrive, so that a
+    /// large document's first bytes can go to the client before its last arrive. A store
+    /// may retry only until it has handed out the first piece. This default loads whole.
+    async fn load_pieces(
+        &self,
+        doc: &DocumentId,
+        request: &LoadRequest,
+        create: bool,
+        out: PieceSink<'_>,
+    ) -> Result<(), StoreError> {
+        let loaded = self.load(doc, request, create).await?;
+        out(LoadPiece::Head(LoadHead {
+            found: loaded.found,
+            sequence: loaded.sequence,
+            active_snapshot_id: loaded.active_snapshot_id,
+            has_snapshot: loaded.snapshot.is_some(),
+            chain: loaded.chain,
+        }));
+        if let Some(snapshot) = loaded.snapshot {
+            out(LoadPiece::Snapshot(snapshot));
+        }
+        if !loaded.updates.is_empty() {
+            out(LoadPiece::Updates(loaded.updates));
+        }
+        Ok(())
+    }
 
     async fn submit(
         &self,
@@ -145,6 +197,21 @@ impl Store for Observed {
     ) -> Result<Loaded, StoreError> {
         self.observe("LoadDocument", doc, self.inner.load(doc, request, create))
             .await
+    }
+
+    async fn load_pieces(
+        &self,
+        doc: &DocumentId,
+        request: &LoadRequest,
+        create: bool,
+        out: PieceSink<'_>,
+    ) -> Result<(), StoreError> {
+        self.observe(
+            "LoadDocument",
+            doc,
+            self.inner.load_pieces(doc, request, create, out),
+        )
+        .await
     }
 
     async fn submit(

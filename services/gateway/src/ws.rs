@@ -157,6 +157,8 @@ fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool
 #[derive(Debug, Clone)]
 pub struct Frame {
     opcode: u8,
+    /// Not the last frame of its message (a fragment: see [`Frame::fragment`]).
+    more: bool,
     payload: Bytes,
 }
 
@@ -173,6 +175,17 @@ impl Frame {
         debug_assert!(std::str::from_utf8(&text).is_ok());
         Self {
             opcode: OP_TEXT,
+            more: false,
+            payload: text,
+        }
+    }
+
+    /// One piece of a text message sent in pieces (RFC 6455 5.4): the first `first`, the last
+    /// not `more`. Nothing but control frames may go between the pieces of one message.
+    pub fn fragment(first: bool, more: bool, text: Bytes) -> Self {
+        Self {
+            opcode: if first { OP_TEXT } else { OP_CONTINUATION },
+            more,
             payload: text,
         }
     }
@@ -180,6 +193,7 @@ impl Frame {
     pub fn ping() -> Self {
         Self {
             opcode: OP_PING,
+            more: false,
             payload: Bytes::new(),
         }
     }
@@ -187,6 +201,7 @@ impl Frame {
     fn pong(payload: Bytes) -> Self {
         Self {
             opcode: OP_PONG,
+            more: false,
             payload,
         }
     }
@@ -202,6 +217,7 @@ impl Frame {
         payload.extend_from_slice(&reason.as_bytes()[..cut]);
         Self {
             opcode: OP_CLOSE,
+            more: false,
             payload: payload.into(),
         }
     }
@@ -213,7 +229,7 @@ impl Frame {
     /// The frame header (a server's frames are not masked) and its length.
     fn header(&self) -> ([u8; 10], usize) {
         let mut head = [0u8; 10];
-        head[0] = 0x80 | self.opcode;
+        head[0] = if self.more { 0 } else { 0x80 } | self.opcode;
         let len = self.payload.len();
         if len < 126 {
             head[1] = len as u8;
@@ -705,6 +721,17 @@ mod tests {
         let (head, n) = frame.header();
         assert_eq!((n, head[1]), (10, 127));
         assert_eq!(u64::from_be_bytes(head[2..10].try_into().unwrap()), 65_536);
+    }
+
+    /// A message in pieces: text without FIN first, continuations, FIN only on the last.
+    #[test]
+    fn fragments_carry_fin_only_on_the_last() {
+        let first = Frame::fragment(true, true, Bytes::from_static(b"{"));
+        let middle = Frame::fragment(false, true, Bytes::from_static(b"1"));
+        let last = Frame::fragment(false, false, Bytes::from_static(b"}"));
+        assert_eq!(first.header().0[0], OP_TEXT);
+        assert_eq!(middle.header().0[0], OP_CONTINUATION);
+        assert_eq!(last.header().0[0], 0x80 | OP_CONTINUATION);
     }
 
     #[test]

@@ -43,6 +43,52 @@ pub fn document<B: AsRef<[u8]>>(
     out
 }
 
+/// The [`document`] frame in pieces, for a load that arrives in pieces: the start, then the
+/// updates in any number of batches, then the end; concatenated they are [`document`]'s bytes.
+#[derive(Debug, Default)]
+pub struct DocumentPieces {
+    updates_started: bool,
+}
+
+impl DocumentPieces {
+    /// The frame up to the snapshot body (which follows as it is, when there is one).
+    pub fn start(has_snapshot: bool) -> Vec<u8> {
+        let mut out = br#"{"type":"document""#.to_vec();
+        if has_snapshot {
+            out.extend_from_slice(br#","snapshot":"#);
+        }
+        out
+    }
+
+    /// The next update bodies, in version order.
+    pub fn updates<B: AsRef<[u8]>>(&mut self, bodies: &[B]) -> Vec<u8> {
+        let mut out =
+            Vec::with_capacity(bodies.iter().map(|b| b.as_ref().len() + 1).sum::<usize>() + 12);
+        for body in bodies {
+            if std::mem::replace(&mut self.updates_started, true) {
+                out.push(b',');
+            } else {
+                out.extend_from_slice(br#","updates":["#);
+            }
+            out.extend_from_slice(body.as_ref());
+        }
+        out
+    }
+
+    /// The rest of the frame.
+    pub fn end(self, chain: Option<&[ProofEntry]>) -> Vec<u8> {
+        let mut out = Vec::new();
+        if self.updates_started {
+            out.push(b']');
+        } else {
+            out.extend_from_slice(br#","updates":[]"#);
+        }
+        push_state(&mut out, None, None::<&[&[u8]]>, chain);
+        out.push(b'}');
+        out
+    }
+}
+
 /// `snapshot-save-failed` with recovery data (bytes, for the same reason as [`document`]).
 pub fn snapshot_save_failed(recovery: &Recovery<'_>) -> Vec<u8> {
     let Recovery {
@@ -216,5 +262,31 @@ mod tests {
             snapshot_save_failed(&Recovery::default()),
             SNAPSHOT_SAVE_FAILED.as_bytes()
         );
+    }
+
+    /// Pieces in any batching concatenate to the whole frame.
+    #[test]
+    fn document_pieces_make_the_document_frame() {
+        let chain = [ProofEntry {
+            snapshot_id: SnapshotId::parse("S1").unwrap(),
+            parent_snapshot_proof: "p".into(),
+            snapshot_ciphertext_hash: "h".into(),
+        }];
+        let updates = ["{\"a\":1}", "{\"b\":2}", "{\"c\":3}"];
+        for snapshot in [None, Some(&b"{\"s\":0}"[..])] {
+            for chain in [None, Some(&chain[..])] {
+                for count in 0..=updates.len() {
+                    for split in 0..=count {
+                        let mut pieces = DocumentPieces::default();
+                        let mut out = DocumentPieces::start(snapshot.is_some());
+                        out.extend_from_slice(snapshot.unwrap_or_default());
+                        out.extend(pieces.updates(&updates[..split]));
+                        out.extend(pieces.updates(&updates[split..count]));
+                        out.extend(pieces.end(chain));
+                        assert_eq!(out, document(snapshot, &updates[..count], chain));
+                    }
+                }
+            }
+        }
     }
 }
