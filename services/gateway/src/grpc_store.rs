@@ -691,27 +691,14 @@ impl GrpcStore {
         while let Some(chunk) = stream.next().await {
             match chunk?.part {
                 Some(Part::Header(h)) => {
-                    loaded.found = h.found;
-                    loaded.sequence = h.sequence;
-                    loaded.active_snapshot_id = h
-                        .active_snapshot_id
-                        .map(|s| SnapshotId::parse(&s))
-                        .transpose()
-                        .map_err(|e| StoreError::Failed(format!("active snapshot id: {e}")))?;
-                    has_snapshot = h.has_snapshot;
-                    loaded
-                        .updates
-                        .reserve(usize::try_from(h.update_count).unwrap_or(0));
-                    loaded.chain = if h.has_chain {
-                        Some(
-                            h.chain
-                                .into_iter()
-                                .map(proof_entry)
-                                .collect::<Result<_, _>>()?,
-                        )
-                    } else {
-                        None
-                    };
+                    let count = usize::try_from(h.update_count).unwrap_or(0);
+                    let head = load_head(h)?;
+                    loaded.found = head.found;
+                    loaded.sequence = head.sequence;
+                    loaded.active_snapshot_id = head.active_snapshot_id;
+                    has_snapshot = head.has_snapshot;
+                    loaded.updates.reserve(count);
+                    loaded.chain = head.chain;
                 }
                 Some(Part::SnapshotPart(part)) => snapshot.push(part),
                 Some(Part::Updates(batch)) => loaded.updates.extend(batch.bodies),
@@ -744,26 +731,7 @@ impl GrpcStore {
                 .into_inner();
             while let Some(chunk) = stream.next().await {
                 let piece = match chunk?.part {
-                    Some(Part::Header(h)) => LoadPiece::Head(LoadHead {
-                        found: h.found,
-                        sequence: h.sequence,
-                        active_snapshot_id: h
-                            .active_snapshot_id
-                            .map(|s| SnapshotId::parse(&s))
-                            .transpose()
-                            .map_err(|e| StoreError::Failed(format!("active snapshot id: {e}")))?,
-                        has_snapshot: h.has_snapshot,
-                        chain: if h.has_chain {
-                            Some(
-                                h.chain
-                                    .into_iter()
-                                    .map(proof_entry)
-                                    .collect::<Result<_, _>>()?,
-                            )
-                        } else {
-                            None
-                        },
-                    }),
+                    Some(Part::Header(h)) => LoadPiece::Head(load_head(h)?),
                     Some(Part::SnapshotPart(part)) => LoadPiece::Snapshot(part),
                     Some(Part::Updates(batch)) => LoadPiece::Updates(batch.bodies),
                     None => continue,
@@ -901,6 +869,30 @@ impl GrpcStore {
     ) -> Result<pb::GetHeadsResponse, Failure> {
         Ok(client.get_heads(self.request(message)).await?.into_inner())
     }
+}
+
+/// A load's header as the gateway keeps it.
+fn load_head(h: pb::LoadHeader) -> Result<LoadHead, StoreError> {
+    Ok(LoadHead {
+        found: h.found,
+        sequence: h.sequence,
+        active_snapshot_id: h
+            .active_snapshot_id
+            .map(|s| SnapshotId::parse(&s))
+            .transpose()
+            .map_err(|e| StoreError::Failed(format!("active snapshot id: {e}")))?,
+        has_snapshot: h.has_snapshot,
+        chain: if h.has_chain {
+            Some(
+                h.chain
+                    .into_iter()
+                    .map(proof_entry)
+                    .collect::<Result<_, _>>()?,
+            )
+        } else {
+            None
+        },
+    })
 }
 
 fn load_message(doc: &DocumentId, request: &LoadRequest, create: bool) -> pb::LoadDocumentRequest {

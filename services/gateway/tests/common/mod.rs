@@ -713,6 +713,8 @@ pub fn update_clock(frame: &ServerFrame) -> Option<(String, u64)> {
 pub struct SilentWs {
     stream: tokio::net::TcpStream,
     buffer: Vec<u8>,
+    /// A fragmented message's opcode and data so far.
+    partial: Option<(u8, Vec<u8>)>,
 }
 
 impl SilentWs {
@@ -730,6 +732,7 @@ impl SilentWs {
         let mut ws = Self {
             stream,
             buffer: Vec::new(),
+            partial: None,
         };
         let end = loop {
             if let Some(end) = ws.buffer.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -760,8 +763,29 @@ impl SilentWs {
         n > 0
     }
 
-    /// The next frame from the server, as (opcode, payload); `None` once the socket closed.
+    /// The next message or control frame from the server, as (opcode, payload): the fragments
+    /// of a message (the gateway sends a large `document` in pieces) are joined, and control
+    /// frames between them come out as they arrive. `None` once the socket closed.
     pub async fn frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        loop {
+            let Some((fin, opcode, payload)) = self.raw_frame().await else {
+                assert!(self.partial.is_none(), "closed inside a fragmented message");
+                return None;
+            };
+            match (opcode, self.partial.as_mut()) {
+                (8.., _) => return Some((opcode, payload)),
+                (0, Some((_, data))) => data.extend_from_slice(&payload),
+                (0, None) => panic!("a continuation frame outside a message"),
+                (_, Some(_)) => panic!("a new message inside a fragmented one"),
+                (_, None) => self.partial = Some((opcode, payload)),
+            }
+            if fin {
+                return self.partial.take();
+            }
+        }
+    }
+
+    async fn raw_frame(&mut self) -> Option<(bool, u8, Vec<u8>)> {
         loop {
             if let Some(frame) = self.parse() {
                 return Some(frame);
@@ -772,11 +796,12 @@ impl SilentWs {
         }
     }
 
-    fn parse(&mut self) -> Option<(u8, Vec<u8>)> {
+    fn parse(&mut self) -> Option<(bool, u8, Vec<u8>)> {
         let b = &self.buffer;
         if b.len() < 2 {
             return None;
         }
+        let fin = b[0] & 0x80 != 0;
         let opcode = b[0] & 0x0f;
         let (length, header) = match b[1] & 0x7f {
             126 if b.len() >= 4 => (usize::from(u16::from_be_bytes([b[2], b[3]])), 4),
@@ -792,6 +817,6 @@ impl SilentWs {
         }
         let payload = b[header..header + length].to_vec();
         self.buffer.drain(..header + length);
-        Some((opcode, payload))
+        Some((fin, opcode, payload))
     }
 }
